@@ -122,7 +122,10 @@ def make_loader(dataset, batch_size, shuffle, seed=0, workers=0, distributed=Fal
     sampler = StepBatchSampler(len(dataset), batch_size, shuffle, seed, rank, world, start_step)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=_collate_batch, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        # its own generator: creating an iterator must not draw from the global RNG, or a
+        # resumed run's model noise would differ from an uninterrupted run's
+        generator=torch.Generator().manual_seed(seed))
 
 
 # --- Sample grid
