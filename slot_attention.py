@@ -77,7 +77,7 @@ PRESETS = {
                   grad_clip=0.0, slot_dim=64, mlp_hidden=128, enc_channels=64, log_every=100,
                   eval_every=5_000, eval_size=320, save_every=5_000, proj_dim=1024),
     "tiny": dict(batch_size=16, steps=3_000, lr=4e-4, warmup_steps=200, decay_steps=100_000,
-                 grad_clip=0.0, slot_dim=32, mlp_hidden=64, enc_channels=32, dec_channels=32,
+                 grad_clip=0.0, slot_dim=32, mlp_hidden=64, enc_channels=32, dec_channels=16,
                  resolution=32, log_every=50, eval_every=500, eval_size=64, save_every=500,
                  proj_dim=128),
 }
