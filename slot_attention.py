@@ -87,7 +87,13 @@ DATA_DEFAULTS = {
     "shapes-colored": dict(resolution=64, num_slots=5, decoder="sprites", dec_channels=32),
     "shapes-binary": dict(resolution=64, num_slots=4, decoder="sprites", dec_channels=32),
     "tetrominoes": dict(resolution=35, num_slots=4, decoder="sprites", dec_channels=32),
-    "path": dict(resolution=128, num_slots=7, decoder="clevr", dec_channels=64),  # CLEVR6
+    # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px.
+    "clevr": dict(resolution=128, num_slots=7, decoder="clevr", dec_channels=64),  # CLEVR6
+    "clevrtex": dict(resolution=128, num_slots=11, decoder="clevr", dec_channels=64),
+    "objects_room": dict(resolution=64, num_slots=7, decoder="sprites", dec_channels=32),
+    "dsprites": dict(resolution=64, num_slots=6, decoder="sprites", dec_channels=32),
+    "tetromino": dict(resolution=35, num_slots=4, decoder="sprites", dec_channels=32),
+    "other": dict(resolution=64, num_slots=7, decoder="sprites", dec_channels=32),
 }
 LOSSES = ("mse", "cov", "vicreg", "cosine")
 # Flags that define the network: --eval-only and --resume take them from the checkpoint.
@@ -149,7 +155,8 @@ def parse_args(argv=None):
     a("--probe-train-size", type=int, default=None, help="train images for the probe (default 10x eval size)")
     args = p.parse_args(argv)
 
-    key = args.data if args.data in DATA_DEFAULTS else "path"
+    key = args.data if args.data in DATA_DEFAULTS else next(
+        (k for k in ("clevrtex", "clevr", "objects_room", "dsprites", "tetromino") if k in args.data.lower()), "other")
     for k, v in {**DATA_DEFAULTS[key], **PRESETS[args.preset]}.items():
         if k == "decoder":
             args.decoder = v if args.decoder == "auto" else args.decoder

@@ -102,6 +102,16 @@ def test_reparameterised_init_trains_mu_and_sigma():
     assert sa_mod.slots_mu.grad.abs().sum() > 0 and sa_mod.slots_log_sigma.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name,res,k,dec", [
+    ("shapes", 64, 6, "sprites"), ("shapes-colored", 64, 5, "sprites"), ("tetrominoes", 35, 4, "sprites"),
+    ("/d/clevr_with_masks.h5", 128, 7, "clevr"), ("/d/multi_dsprites_colored_on_colored.h5", 64, 6, "sprites")])
+def test_paper_preset_per_dataset(name, res, k, dec):
+    args = sa.parse_args(["--data", name])
+    assert (args.resolution, args.num_slots, args.decoder) == (res, k, dec)
+    assert (args.batch_size, args.lr, args.steps, args.warmup_steps, args.grad_clip) == (64, 4e-4, 500_000, 10_000, 0)
+    assert sa.parse_args(["--data", name, "--num-slots", "9", "--decoder", "sprites"]).num_slots == 9  # flags win
+
+
 def test_lr_schedule_known_values():
     args = sa.parse_args(["--lr", "4e-4", "--warmup-steps", "10", "--decay-steps", "100"])
     assert sa.lr_at(4, args) == pytest.approx(4e-4 * 0.5 * 0.5 ** 0.04)
@@ -241,3 +251,18 @@ def test_torchrun_two_cpu_processes(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if l["split"] == "train"] == [2, 4]  # written once: rank 0 only
     assert torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    r = run_cli(tmp_path, "--dtype", "bf16", "--steps", "3", "--run-name", "r", "--loss", "cov")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["step"] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_compile(tmp_path):
+    r = run_cli(tmp_path, "--device", "cuda", "--dtype", "bf16", "--compile", "--steps", "6", "--run-name", "r")
+    assert r.returncode == 0, r.stderr
+    train = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert all(math.isfinite(l["loss"]) for l in train if l["split"] == "train")
