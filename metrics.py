@@ -31,7 +31,7 @@ def _pred_ids(pred_masks, true_mask):
     """Hard slot id per pixel (B, H, W) and the number of slots K."""
     if pred_masks.dim() == true_mask.dim():  # already a map of slot ids
         pred = pred_masks.long()
-        return pred, int(pred.max().item()) + 1 if pred.numel() else 1
+        return pred, (int(pred.max().item()) + 1 if pred.numel() else 1)
     if pred_masks.dim() != true_mask.dim() + 1 or pred_masks.shape[2:] != true_mask.shape[1:] \
             or pred_masks.shape[0] != true_mask.shape[0]:
         raise ValueError(f"pred_masks {tuple(pred_masks.shape)} does not match true_mask "
@@ -258,12 +258,17 @@ def feature_probe(train_slots, train_targets, test_slots, test_targets, categori
 
     Caveat of the protocol (measured, not a bug): because the matching minimises the loss, a probe can pick for
     each object whichever slot's guess is closest, so spare slots (K > visible objects) lift the score of
-    uninformative slots above chance (pure-noise slots, K=6, 3 objects: x R^2 ~0.5, shape acc ~0.6 for chance
+    uninformative slots above chance (pure-noise slots, K=6, 3 objects: x R^2 0.5-0.6, shape acc ~0.6 for chance
     0.33). Compare against a noise or random-init baseline at the same K.
     """
+    for slots, targets, split in ((train_slots, train_targets, "train"), (test_slots, test_targets, "test")):
+        vis = targets.get("visible")
+        if slots.dim() != 3 or vis is None or vis.dim() != 2 or vis.shape[0] != slots.shape[0]:
+            raise ValueError(f"feature_probe: {split} slots {tuple(slots.shape)} / targets need slots (N, K, D) and "
+                             f"a 'visible' (N, E) entry")
     names = [k for k in train_targets if k != "visible"]
-    if not names:
-        raise ValueError("feature_probe: targets hold no property besides 'visible'")
+    if not names or any(k not in test_targets for k in names):
+        raise ValueError(f"feature_probe: train properties {names} must be non-empty and present in the test targets")
     dev = torch.device(device)
     tr_vis, te_vis = train_targets["visible"].bool(), test_targets["visible"].bool()
 
