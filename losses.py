@@ -1,0 +1,148 @@
+"""Reusable loss terms shared by the model files: plain functions, the equation and the paper in each docstring.
+
+Shapes: images x (B, C, H, W); per-slot means (B, K, C, H, W); masks / log-masks (B, K, H, W) summing to 1 over K
+(dim 1); slots (B, K, D). Which terms a model uses, and their weights, is written in the model file.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _slot_sigma(sigma, like, ndim):
+    """sigma as a float or a (K,) tensor -> a tensor broadcastable against (B, K, ...) with `ndim` dims."""
+    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    if sigma.dim() == 0:
+        return sigma
+    return sigma.view(1, -1, *[1] * (ndim - 2))  # (1, K, 1, ...)
+
+
+def gaussian_log_likelihood(x, means, sigma):
+    """Per-slot, per-pixel Gaussian log-likelihood summed over channels (channels independent given the slot):
+
+        log N(x; mu_k, sigma_k^2) = sum_c [ -(x_c - mu_kc)^2 / (2 sigma_k^2) - log sigma_k - log(2 pi) / 2 ]
+
+    x (B, C, H, W), means (B, K, C, H, W), sigma a float or (K,) tensor (MONet: slot 0 sigma_bg, others sigma_fg).
+    Returns (B, K, H, W). IODINE uses it on its own (leave-one-out likelihoods, mask posterior inputs).
+    """
+    s = _slot_sigma(sigma, means, means.dim())  # (1, K, 1, 1, 1) or scalar
+    z = (x[:, None] - means) / s  # (B, K, C, H, W)
+    log_n = -0.5 * z ** 2 - torch.log(s) - 0.5 * math.log(2 * math.pi)
+    return log_n.sum(dim=2)  # (B, K, H, W)
+
+
+def mixture_nll(x, means, log_masks, sigma):
+    """Negative log-likelihood of the spatial Gaussian mixture (MONet, Burgess et al. 2019, arXiv 1901.11390, eq. 3;
+    IODINE's decoder likelihood):
+
+        -sum_pixels log sum_k m_k N(x; mu_k, sigma_k^2),  computed as -sum_pixels logsumexp_k(log m_k + log N_k).
+
+    log_masks (B, K, H, W) are log mixing weights (log-softmax or MONet's log stick-breaking); returns (B,).
+    """
+    log_lik = gaussian_log_likelihood(x, means, sigma)  # (B, K, H, W)
+    return -torch.logsumexp(log_masks + log_lik, dim=1).flatten(1).sum(dim=1)
+
+
+def kl_diag_gaussian(mu, logvar, prior_mu=0.0, prior_logvar=0.0):
+    """Elementwise KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) in closed form (the caller sums):
+
+        KL = 1/2 [ prior_logvar - logvar + (e^logvar + (mu - prior_mu)^2) / e^prior_logvar - 1 ]
+
+    (Kingma & Welling 2014, appendix B; the VAE term of MONet and IODINE.)
+    """
+    prior_mu = torch.as_tensor(prior_mu, dtype=mu.dtype, device=mu.device)
+    prior_logvar = torch.as_tensor(prior_logvar, dtype=mu.dtype, device=mu.device)
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu) ** 2) * torch.exp(-prior_logvar) - 1)
+
+
+def mask_kl(log_attention, mask_logits):
+    """MONet's mask reconstruction term (the gamma term, arXiv 1901.11390 eq. 3):
+
+        KL(m || softmax_k(l)) = sum_k sum_pixels m_k (log m_k - log_softmax_k(l)),   with 0 log 0 = 0,
+
+    where m = exp(log_attention) are the attention masks and l the decoders' mask logits, both (B, K, ...).
+    Returns (B,). Exact zeros in m (log_attention = -inf) give a zero term and zero, finite gradients.
+    """
+    m = log_attention.exp()
+    # Replace -inf by 0 before the product so that neither the value nor its gradient sees 0 * inf.
+    log_m = torch.where(m > 0, log_attention, torch.zeros_like(log_attention))
+    kl = m * (log_m - F.log_softmax(mask_logits, dim=1))
+    return kl.flatten(1).sum(dim=1)
+
+
+def ir_loss(x, means, log_masks, sigma):
+    """Mask-weighted per-component reconstruction error, this project's form of the "IR" loss of the MONet loss
+    ablation (arXiv 2310.03273; the paper's exact equation is not public, see PAPERS.md):
+
+        sum_pixels sum_k m_k ||x - mu_k||^2 / (2 sigma_k^2)
+
+    By Jensen's inequality it is an upper bound of the mixture NLL minus the Gaussian normaliser
+    sum_k m_k C (log sigma_k + log(2 pi) / 2), equal for one-hot masks; its minimum over the masks is a one-hot
+    mask on the best-reconstructing component (the winner-take-all mechanism). Returns (B,).
+    """
+    s = _slot_sigma(sigma, means, means.dim())
+    err = ((x[:, None] - means) ** 2 / (2 * s ** 2)).sum(dim=2)  # (B, K, H, W)
+    return (log_masks.exp() * err).flatten(1).sum(dim=1)
+
+
+def covariance_loss(z, normalize="dim"):
+    """Covariance penalty on projected slots (arXiv 2306.02577, after VICReg, Bardes et al. 2022):
+
+        Z = z - mean(z),  C = Z^T Z / (N - 1),  c(z) = sum_{i != j} C_ij^2 / D      ("dim", the paper)
+                                                       or / D^2                      ("dim2", the reported runs)
+
+    z (N, D) with N = B * K slots. Returns a scalar.
+    """
+    if normalize not in ("dim", "dim2"):
+        raise ValueError(f"covariance_loss: normalize={normalize!r}; expected 'dim' or 'dim2'")
+    if z.dim() != 2 or z.shape[0] < 2:
+        raise ValueError(f"covariance_loss: z has shape {tuple(z.shape)}; expected (N, D) with N >= 2")
+    n, d = z.shape
+    zc = z - z.mean(dim=0, keepdim=True)
+    cov = zc.T @ zc / (n - 1)  # (D, D)
+    off = cov.pow(2).sum() - cov.diagonal().pow(2).sum()
+    return off / (d if normalize == "dim" else d * d)
+
+
+def variance_loss(z, gamma=1.0, eps=1e-4):
+    """VICReg variance hinge (Bardes et al. 2022; arXiv 2306.02577): v(z) = mean_j max(0, gamma - sqrt(Var(z_j) + eps)),
+    the unbiased variance of each column of z (N, D). Returns a scalar."""
+    std = torch.sqrt(z.var(dim=0) + eps)
+    return F.relu(gamma - std).mean()
+
+
+def cosine_slot_loss(slots, margin=0.2):
+    """Cosine slot-similarity penalty (COSINELOSS, arXiv 2306.02577):
+
+        mean_b mean_{i != j} max(0, cos(s_bi, s_bj) - margin)
+
+    over the ordered pairs of distinct slots of each image; slots (B, K, D). K = 1 gives 0. Returns a scalar.
+    """
+    b, k, _ = slots.shape
+    if k < 2:
+        return slots.sum() * 0.0  # keeps the graph (and device) without a value
+    unit = F.normalize(slots, dim=-1)
+    cos = unit @ unit.transpose(1, 2)  # (B, K, K)
+    off = ~torch.eye(k, dtype=torch.bool, device=slots.device)
+    return F.relu(cos[:, off] - margin).mean()  # (B, K*(K-1)) -> scalar
+
+
+def pixel_entropy(masks, eps=1e-8):
+    """Mean per-pixel mask entropy (Vikstrom & Ilin 2022, eq. 5): mean_{b, pixels} -sum_k m_k log m_k.
+
+    masks (B, K, H, W) or (B, K, N), summing to 1 over K. 0 log 0 = 0; the log is taken of m clamped to eps, so
+    masks of exactly 0 and 1 give a finite value and finite gradients. Returns a scalar.
+    """
+    return -(masks * torch.log(masks.clamp_min(eps))).sum(dim=1).mean()
+
+
+def object_entropy(masks, eps=1e-8):
+    """Entropy of the per-slot mean mask (Vikstrom & Ilin 2022, eq. 6):
+
+        p_k = mean_pixels m_k,   mean_b -sum_k p_k log p_k
+
+    (minimising it favours using few slots). masks (B, K, ...) summing to 1 over K. Returns a scalar.
+    """
+    p = masks.flatten(2).mean(dim=2)  # (B, K)
+    return -(p * torch.log(p.clamp_min(eps))).sum(dim=1).mean()
