@@ -44,8 +44,9 @@ def _collate_batch(batch):
 #   tetrominoes     35 px, 3 of the 19 fixed tetrominoes, 5x5-px blocks on the 7x7
 #                   cell grid, 6 colours on black
 # Image i of a split is a pure function of (seed, split, i): every random number is
-# a counter-based hash of (seed, split, i, draw number), so a batch is generated in
-# one vectorised call and an image does not depend on the batch it is fetched in.
+# a counter-based hash of (seed, set name, split, i, draw number), so a batch is
+# generated in one vectorised call and an image does not depend on the batch it is
+# fetched in; splits (and sets) are independent streams.
 # Masks are exact: the mask names the entity whose colour the pixel has.
 
 BUILTIN = ("shapes", "shapes-colored", "shapes-binary", "tetrominoes")

@@ -232,7 +232,7 @@ def reference_sprite_mask(ds, indices):
 @pytest.mark.parametrize("name,resolution", [("shapes", None), ("shapes-colored", 37), ("shapes-binary", 96)])
 def test_sprite_masks_match_slow_painter(name, resolution):
     ds = data.make_synthetic(name, "test", resolution=resolution, seed=1)
-    idx = list(range(0, 600, 25))
+    idx = list(range(0, 1000, 14))
     got = ds.__getitems__(idx)["mask"]
     want = reference_sprite_mask(ds, idx)
     # identical up to float rounding on pixel centres lying exactly on a boundary
