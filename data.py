@@ -64,9 +64,10 @@ _SPRITE_RADIUS = 1 / 6  # a scale-1 sprite spans ~1/3 of the image side (fits a 
 _SPRITE_MARGIN = 0.125  # sprite centres are uniform in [margin, 1 - margin]
 _MIN_VISIBLE = 5  # objects with fewer visible pixels are flagged visible=False
 _M32 = 0xFFFFFFFF
-# Draw numbers: 0 object count, 1-3 background, then _DRAWS_PER_SLOT per object slot.
-_DRAWS_PER_SLOT = 32
 _TETRIS_TRIES = 12  # candidate placements per tetromino; the first free one wins
+# Draw numbers: 0 object count, 1-3 background, then a fixed number per object slot.
+_SPRITE_DRAWS = 8  # shape, scale, angle, x, y, 3 colour
+_TETRIS_DRAWS = 2 + 2 * _TETRIS_TRIES  # shape, colour, (row, column) per try
 
 
 def _tetrominoes():
@@ -178,7 +179,7 @@ def _render_sprites(u, res, lo, hi, colours):
     B, K, dev = u.shape[0], hi, u.device
     count = lo + (u[:, 0] * (hi - lo + 1)).long()  # (B,)
     present = torch.arange(K, device=dev)[None, :] < count[:, None]  # (B, K)
-    d = u[:, 4: 4 + _DRAWS_PER_SLOT * K].reshape(B, K, _DRAWS_PER_SLOT)
+    d = u[:, 4:].reshape(B, K, _SPRITE_DRAWS)
     shape = (d[..., 0] * 3).long()  # (B, K)
     scale = torch.tensor(_SPRITE_SCALES, device=dev)[(d[..., 1] * 6).long()]
     angle = d[..., 2] * (2 * math.pi)
@@ -240,7 +241,7 @@ def _render_tetrominoes(u, res):
     Returns (mask (B, res, res), per-entity dict without `visible`, present (B, 3)).
     """
     B, K, dev = u.shape[0], 3, u.device
-    d = u[:, 4: 4 + _DRAWS_PER_SLOT * K].reshape(B, K, _DRAWS_PER_SLOT)
+    d = u[:, 4:].reshape(B, K, _TETRIS_DRAWS)
     shape = (d[..., 0] * 19).long()  # (B, K)
     colour = _TETRIS_COLOURS.to(dev)[(d[..., 1] * 6).long()]  # (B, K, 3)
     cells = _TETRIS_CELLS.to(dev)  # (19, 4, 4)
@@ -313,7 +314,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         if len(idx) and (idx.min() < -self.size or idx.max() >= self.size):
             raise IndexError(f"{self.name}/{self.split}: index out of range for {self.size} items")
         idx = torch.where(idx < 0, idx + self.size, idx).to(self.device)
-        u = _uniforms(self.seed, self.name, self.split, idx, 4 + _DRAWS_PER_SLOT * self.max_objects)
+        per_slot = _TETRIS_DRAWS if self.name == "tetrominoes" else _SPRITE_DRAWS
+        u = _uniforms(self.seed, self.name, self.split, idx, 4 + per_slot * self.max_objects)
         if self.name == "tetrominoes":
             mask, ents, present = _render_tetrominoes(u, self.resolution)
         else:

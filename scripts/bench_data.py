@@ -26,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=None,
                    help="image side in pixels (default: each set's native size)")
     p.add_argument("--device", default="cpu", help="device the batches are generated on")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch intra-op threads (default: torch's choice, {torch.get_num_threads()} here)")
     return p.parse_args(argv)
 
 
@@ -47,6 +49,8 @@ def bench(name, batch_size, batches, resolution=None, device="cpu"):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         for name in args.sets:
             res, rate = bench(name, args.batch_size, args.batches, args.resolution, args.device)

@@ -205,7 +205,8 @@ def test_visible_flags_match_pixel_counts(name):
 def reference_sprite_mask(ds, indices):
     """Slow full-canvas painter: every sprite tested at every pixel centre, in slot order."""
     res = ds.resolution
-    u = data._uniforms(ds.seed, ds.name, ds.split, torch.tensor(indices), 4 + 32 * ds.max_objects)
+    n = data._SPRITE_DRAWS  # draws per object slot, after 4 per image
+    u = data._uniforms(ds.seed, ds.name, ds.split, torch.tensor(indices), 4 + n * ds.max_objects)
     lo, hi, _ = data._SPRITE_SETS[ds.name]
     masks = []
     for b in range(len(indices)):
@@ -213,7 +214,7 @@ def reference_sprite_mask(ds, indices):
         mask = torch.zeros(res, res, dtype=torch.int64)
         centres = torch.arange(res, dtype=torch.float32) + 0.5
         for k in range(count):
-            d = u[b, 4 + 32 * k: 4 + 32 * k + 8]
+            d = u[b, 4 + n * k: 4 + n * k + 8]
             shape = int(d[0] * 3)
             scale = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])[int(d[1] * 6)]
             angle = d[2] * (2 * math.pi)
