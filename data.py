@@ -110,8 +110,12 @@ def _index_split(path, n, split, val_size, test_size):
     """Indices of `split` in a single file of n images: test = the last t, val the t
     before those, train the rest, t = min(1000, n // 10) unless given."""
     t_default = min(1000, n // 10)
-    val = t_default if val_size is None else int(val_size)
-    test = t_default if test_size is None else int(test_size)
+    try:
+        val = t_default if val_size is None else int(val_size)
+        test = t_default if test_size is None else int(test_size)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: val_size={val_size!r}, test_size={test_size!r}; expected "
+                        f"integers") from None
     if val < 0 or test < 0 or val + test >= n:
         raise DataError(f"{path}: cannot cut val_size={val} and test_size={test} "
                         f"from {n} images; expected val_size + test_size < {n}")
@@ -237,7 +241,9 @@ class H5Dataset(torch.utils.data.Dataset):
     Variant (from the file name, option `variant`): objects_room has
     num_background 4; clevr is cropped rows 29:221, cols 64:256 (when 240x320)
     and resized to 128 by default, keeping only images with at most
-    `max_objects` visible objects (default 6 = CLEVR6; None keeps all).
+    `max_objects` visible objects (default 6 = CLEVR6; None keeps all; the
+    option filters any variant, default None elsewhere). The kept index list
+    is computed once at open time, from `visibility` or else from the masks.
     `visible` = the file's visibility (if any) AND present in the output mask, so
     it describes what the returned image shows. A non-square image (other than
     CLEVR) is centre-cropped to a square.
@@ -253,6 +259,8 @@ class H5Dataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: unknown variant {variant!r}; expected one of {', '.join(_H5_VARIANTS)}")
         if max_objects == "default":
             max_objects = 6 if variant == "clevr" else None
+        if max_objects is not None and not (isinstance(max_objects, int) and max_objects >= 0):
+            raise DataError(f"{path}: max_objects={max_objects!r}; expected a count >= 0 or None")
         self.path, self.split, self.variant, self._file, self._pid = path, split, variant, None, None
         self.num_background, self.has_masks = _H5_VARIANTS[variant], True
         try:
@@ -315,12 +323,10 @@ class H5Dataset(torch.utils.data.Dataset):
         for key, out in _H5_PROPERTY_KEYS.items():
             if key in group and isinstance(group[key], h5py.Dataset):
                 arr = group[key]
-                want = (arr.shape[0] == f[self.image_key].shape[0]
-                        and arr.ndim == (3 if key == "color" else 2)
-                        and (key != "color" or arr.shape[2] == 3))
                 if key == "color" and arr.ndim == 2:
                     continue
-                if not want:
+                rgb = key == "color"
+                if arr.shape[0] != n or arr.ndim != 2 + rgb or (rgb and arr.shape[2] != 3):
                     raise DataError(f"{p}: {key!r} has shape {arr.shape}; expected "
                                     f"(N, E{', 3' if key == 'color' else ''}) with N = {n}")
                 self.prop_keys[out] = group.name.rstrip("/") + "/" + key
@@ -331,15 +337,16 @@ class H5Dataset(torch.utils.data.Dataset):
             raise DataError(f"{p}: per-entity arrays disagree on E ({sorted(widths)}); expected one E")
         self.num_entities = widths.pop() if widths else None
         if self.num_entities is None:  # flat file without properties: scan the masks once
-            self.num_entities = 1 + max(int(mask[i:i + _SCAN_CHUNK].max()) for i in range(0, n, _SCAN_CHUNK))
+            chunks = range(0, n, _SCAN_CHUNK)
+            self.num_entities = 1 + max(int(mask[i:i + _SCAN_CHUNK].max()) for i in chunks)
         self.max_objects = max(self.num_entities - self.num_background, 0)
         if max_objects is not None:
-            counts = self._count_objects(f, group, base)
+            counts = self._count_objects(f, base)
             base = base[counts <= max_objects]
             self.max_objects = min(self.max_objects, int(max_objects))
         self.indices = base
 
-    def _count_objects(self, f, group, idx):
+    def _count_objects(self, f, idx):
         """Number of visible non-background objects of each image in idx, from
         `visibility` if the file has it, else from the masks, in chunks."""
         nb = self.num_background
@@ -803,8 +810,15 @@ def save_grid(path, image, recon, masks, slot_recons, extra_masks=None, max_imag
     b = min(image.shape[0], max_images)
     masks = masks[:b].detach().float().cpu()
     k, h, w = masks.shape[1:]
+    extra = list(extra_masks or [])
+    got = [image.shape[1:], recon.shape[1:], slot_recons.shape[1:]] + [e.shape[1:] for e in extra]
+    want = [(3, h, w), (3, h, w), (k, 3, h, w)] + [(k, h, w)] * len(extra)
+    if [tuple(g) for g in got] != want:
+        raise ValueError(f"save_grid: image {tuple(image.shape)}, recon {tuple(recon.shape)}, masks "
+                         f"{(b, k, h, w)}, slot_recons {tuple(slot_recons.shape)}; expected (B,3,H,W), "
+                         f"(B,3,H,W), (B,K,H,W), (B,K,3,H,W)")
     cols = [_to_uint8(image[:b]), _to_uint8(recon[:b])]  # each (b, 3, H, W)
-    for m in [masks] + [e[:b].detach().float().cpu() for e in (extra_masks or [])]:
+    for m in [masks] + [e[:b].detach().float().cpu() for e in extra]:
         cols.append(colorize(m.argmax(1)).permute(0, 3, 1, 2))  # (b, 3, H, W)
     white = torch.ones(1, 1, 3, 1, 1)
     slots = slot_recons[:b].detach().float().cpu().clamp(0, 1)  # (b, K, 3, H, W)

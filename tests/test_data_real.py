@@ -242,6 +242,10 @@ def test_h5_malformed(tmp_path, monkeypatch):
         with pytest.raises(DataError, match=message) as e:
             data.open_real(tmp_path / name, "train")
         assert name in str(e.value)
+    with pytest.raises(DataError, match="max_objects='six'"):
+        data.open_real(tmp_path / "nokeys.h5", "train", max_objects="six")
+    with pytest.raises(DataError, match="expected integers"):
+        data.open_real(tmp_path / "badmask.hdf5", "train", val_size="many")
     with pytest.raises(DataError, match="unknown variant"):
         data.open_real(tmp_path / "nokeys.h5", "train", variant="mnist")
     monkeypatch.setitem(sys.modules, "h5py", None)  # as if h5py were not installed

@@ -74,3 +74,10 @@ def test_palette_and_colorize():
     assert torch.equal(rgb[0, 0, 0], p[0]) and torch.equal(rgb[0, 0, 1], p[1])
     assert torch.equal(rgb[0, 1, 0], p[0])  # cycles past the palette's end
     assert (rgb[0, 1, 1] == 255).all()  # ignored pixels are white
+
+
+def test_grid_rejects_mismatched_shapes(tmp_path):
+    image, recon, masks, slots = inputs(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="slot_recons"):
+        data.save_grid(tmp_path / "g.png", image, recon, masks, slots[:, :2])
+    assert not (tmp_path / "g.png").exists()
