@@ -13,13 +13,16 @@ Every dataset has `name`, `num_background`, `max_objects`, and implements
 `__getitems__(indices)`, returning a whole batch as one dict, so a DataLoader
 built by `make_loader` fetches a batch with one vectorised call.
 """
+import json
 import math
+import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 SPLITS = ("train", "val", "test")
 
@@ -368,6 +371,641 @@ def make_synthetic(name, split, resolution=None, seed=0, size=None, device="cpu"
 
 # --- Real datasets
 
+# Every real dataset turns a list of indices into one batch dict with a single
+# vectorised crop/resize; only reading files from disk loops (one file per image).
+# A dataset object holds no open file handle when pickled, so DataLoader workers
+# (fork or spawn) each open their own lazily.
+
+PROPERTIES = ("visible", "shape", "color", "scale", "x", "y")  # per-entity keys of DESIGN.md
+_PROPERTY_DTYPES = {"visible": torch.bool, "shape": torch.int64, "color": torch.float32,
+                    "scale": torch.float32, "x": torch.float32, "y": torch.float32}
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _check_options(path, options, allowed):
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise DataError(f"{path}: unknown option(s) {', '.join(unknown)}; "
+                        f"expected only {', '.join(allowed) or 'none'}")
+
+
+def _images_to_float(images):
+    """uint8 (B, H, W, C) array/tensor, C in {1, 3, 4} -> float32 (B, 3, H, W) in [0, 1]."""
+    x = torch.as_tensor(np.ascontiguousarray(images))
+    x = x[..., :3] if x.shape[-1] >= 3 else x.expand(*x.shape[:-1], 3)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
+
+
+def _resize_images(x, height, width, mode="bilinear"):
+    """float (B, 3, h, w) -> (B, 3, height, width), antialiased, clamped to [0, 1]
+    (bicubic overshoots)."""
+    if x.shape[-2:] == (height, width):
+        return x
+    x = F.interpolate(x, size=(height, width), mode=mode, align_corners=False, antialias=True)
+    return x.clamp_(0.0, 1.0)
+
+
+def _resize_masks(mask, height, width):
+    """Nearest-neighbour resize of an integer map (B, h, w) -> (B, height, width).
+
+    Output pixel i samples input row floor((i + 0.5) * h / height) (pixel centres),
+    by index gathering, so ids stay exact integers.
+    """
+    h, w = mask.shape[-2:]
+    if (h, w) == (height, width):
+        return mask
+    rows = ((torch.arange(height) + 0.5) * h / height).long().clamp_(max=h - 1)
+    cols = ((torch.arange(width) + 0.5) * w / width).long().clamp_(max=w - 1)
+    return mask[:, rows][:, :, cols]
+
+
+def _centre_square(h, w):
+    """(top, left, side) of the largest centred square of an h x w image."""
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side
+
+
+def _present(mask, num_entities):
+    """bool (B, E): which ids 0..E-1 occur in the integer map (B, H, W) (-1 ignored).
+    One bincount over offset ids instead of a loop over images."""
+    b = mask.shape[0]
+    flat = mask.reshape(b, -1).long()  # (B, H*W)
+    ok = (flat >= 0) & (flat < num_entities)
+    offset = torch.arange(b).unsqueeze(1) * num_entities  # (B, 1)
+    counts = torch.bincount((flat + offset)[ok], minlength=b * num_entities)
+    return counts.reshape(b, num_entities) > 0
+
+
+def _index_split(path, n, split, val_size, test_size):
+    """Indices of `split` in a single file of n images: test = the last t, val the t
+    before those, train the rest, t = min(1000, n // 10) unless given."""
+    t_default = min(1000, n // 10)
+    try:
+        val = t_default if val_size is None else int(val_size)
+        test = t_default if test_size is None else int(test_size)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: val_size={val_size!r}, test_size={test_size!r}; expected "
+                        f"integers") from None
+    if val < 0 or test < 0 or val + test >= n:
+        raise DataError(f"{path}: cannot cut val_size={val} and test_size={test} "
+                        f"from {n} images; expected val_size + test_size < {n}")
+    bounds = {"train": (0, n - val - test), "val": (n - val - test, n - test), "test": (n - test, n)}
+    lo, hi = bounds[split]
+    return np.arange(lo, hi)
+
+
+def _unbatch(batch):
+    return {k: v[0] for k, v in batch.items()}
+
+
+def _finish_batch(images, mask, size, props=None):
+    """Resize a cropped batch to size x size (images bilinear, masks nearest) and
+    attach the per-entity arrays converted to the contract's dtypes."""
+    out = {"image": _resize_images(images, size, size), "mask": _resize_masks(mask.long(), size, size)}
+    for key, value in (props or {}).items():
+        out[key] = torch.as_tensor(np.ascontiguousarray(value)).to(_PROPERTY_DTYPES[key])
+    return out
+
+
+class NpzDataset(torch.utils.data.Dataset):
+    """Arrays in a `.npz` file: `image` uint8 (N, H, W, 3), `mask` integer (N, H, W)
+    with 0 = background, optional per-entity arrays named as in PROPERTIES,
+    (N, E) or (N, E, 3) for `color`. A single file is split by index (see
+    `_index_split`; options val_size, test_size); a folder holds one file per split.
+    Non-square images are centre-cropped to a square; resolution None keeps the side.
+    """
+
+    def __init__(self, path, split, resolution=None, file=None, val_size=None, test_size=None):
+        file = path if file is None else file
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:
+            raise DataError(f"{file}: not a readable .npz archive ({type(e).__name__}); "
+                            f"expected arrays 'image' and 'mask'") from None
+        for key in ("image", "mask"):
+            if key not in arrays:
+                raise DataError(f"{file}: missing array {key!r}; expected 'image' uint8 (N,H,W,3) "
+                                f"and 'mask' integer (N,H,W)")
+        image, mask = arrays["image"], arrays["mask"]
+        if image.dtype != np.uint8 or image.ndim != 4 or image.shape[-1] != 3:
+            raise DataError(f"{file}: 'image' is {image.dtype} {image.shape}; expected uint8 (N,H,W,3)")
+        if not np.issubdtype(mask.dtype, np.integer) or mask.shape != image.shape[:3]:
+            raise DataError(f"{file}: 'mask' is {mask.dtype} {mask.shape}; expected integer "
+                            f"{image.shape[:3]}")
+        n = len(image)
+        props = {k: arrays[k] for k in PROPERTIES if k in arrays}
+        num_entities = int(mask.max()) + 1 if n else 1
+        for key, value in props.items():
+            want = 3 if key == "color" else 2
+            if value.ndim != want or value.shape[0] != n or (key == "color" and value.shape[2] != 3):
+                raise DataError(f"{file}: {key!r} has shape {value.shape}; expected "
+                                f"(N, E{', 3' if key == 'color' else ''}) with N = {n}")
+        widths = {v.shape[1] for v in props.values()}
+        if len(widths) > 1:
+            raise DataError(f"{file}: per-entity arrays disagree on E ({sorted(widths)}); expected one E")
+        if widths:
+            (e,) = widths
+            if num_entities > e:
+                raise DataError(f"{file}: mask ids reach {num_entities - 1} but per-entity arrays "
+                                f"have E = {e}; expected ids < E")
+            num_entities = e
+        idx = np.arange(n) if file != path else _index_split(file, n, split, val_size, test_size)
+        self.images, self.masks = image[idx], mask[idx]
+        self.props = {k: v[idx] for k, v in props.items()}
+        self.name = Path(file).stem if file == path else Path(path).name
+        self.num_background, self.max_objects, self.has_masks = 1, max(num_entities - 1, 0), True
+        self.properties = tuple(self.props)
+        self.crop = _centre_square(*image.shape[1:3])
+        self.resolution = resolution or self.crop[2]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return _unbatch(self.__getitems__([i]))
+
+    def __getitems__(self, indices):
+        t, l, s = self.crop
+        idx = np.asarray(indices)
+        images = _images_to_float(self.images[idx, t:t + s, l:l + s])
+        mask = torch.from_numpy(self.masks[idx, t:t + s, l:l + s].astype(np.int64))
+        return _finish_batch(images, mask, self.resolution, {k: v[idx] for k, v in self.props.items()})
+
+
+# HDF5 variants of the DeepMind multi-object datasets, recognised from the file name.
+_H5_VARIANTS = {"objects_room": 4, "clevr": 1, "tetrominoes": 1, "multi_dsprites": 1, "generic": 1}
+_H5_NAME_HINTS = (("objects_room", "objects_room"), ("clevr", "clevr"),
+                  ("tetromino", "tetrominoes"), ("dsprites", "multi_dsprites"))
+_CLEVR_SIZE, _CLEVR_CROP = (240, 320), (29, 64, 192)  # rows 29:221, cols 64:256
+_H5_PROPERTY_KEYS = {"visibility": "visible", "shape": "shape", "color": "color",
+                     "scale": "scale", "x": "x", "y": "y"}
+_SCAN_CHUNK = 256  # images per chunk when counting objects from masks at open time
+
+
+def _import_h5py(path):
+    try:
+        import h5py
+    except ImportError:
+        raise DataError(f"reading {path} needs h5py: pip install -r requirements-extra.txt") from None
+    return h5py
+
+
+def _read_rows(dataset, idx, *slices):
+    """dataset[idx, *slices] for any index order: h5py wants increasing unique indices."""
+    idx = np.asarray(idx)
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    return dataset[(uniq.tolist(),) + slices][inverse]
+
+
+class H5Dataset(torch.utils.data.Dataset):
+    """A DeepMind multi-object dataset converted to HDF5, in either public layout:
+
+    (a) flat: `image` (N, H, W, C) uint8, `mask` (N, H, W, 1) categorical entity index,
+        optional `visibility` (N, E) and property keys x, y, shape, color (N, E, 3),
+        scale; one file split by index (options val_size, test_size).
+    (b) grouped: `{split}/imgs` (N, H, W, C), `{split}/masks` (N, O, H, W, 1) in
+        {0, 255}; mask id = index of the last object whose mask is set (object 0
+        is the background); pixels no object covers get -1.
+
+    Variant (from the file name, option `variant`): objects_room has
+    num_background 4; clevr is cropped rows 29:221, cols 64:256 (when 240x320)
+    and resized to 128 by default, keeping only images with at most
+    `max_objects` visible objects (default 6 = CLEVR6; None keeps all; the
+    option filters any variant, default None elsewhere). The kept index list
+    is computed once at open time, from `visibility` or else from the masks.
+    `visible` = the file's visibility (if any) AND present in the output mask, so
+    it describes what the returned image shows. A non-square image (other than
+    CLEVR) is centre-cropped to a square.
+    """
+
+    def __init__(self, path, split, resolution=None, variant=None, max_objects="default",
+                 val_size=None, test_size=None):
+        h5py = _import_h5py(path)
+        if variant is None:
+            lower = path.name.lower()
+            variant = next((v for hint, v in _H5_NAME_HINTS if hint in lower), "generic")
+        if variant not in _H5_VARIANTS:
+            raise DataError(f"{path}: unknown variant {variant!r}; expected one of {', '.join(_H5_VARIANTS)}")
+        if max_objects == "default":
+            max_objects = 6 if variant == "clevr" else None
+        if max_objects is not None and not (isinstance(max_objects, int) and max_objects >= 0):
+            raise DataError(f"{path}: max_objects={max_objects!r}; expected a count >= 0 or None")
+        self.path, self.split, self.variant, self._file, self._pid = path, split, variant, None, None
+        self.num_background, self.has_masks = _H5_VARIANTS[variant], True
+        try:
+            with h5py.File(path, "r") as f:
+                self._inspect(f, split, val_size, test_size, max_objects)
+        except DataError:
+            raise
+        except Exception as e:  # not HDF5, truncated, unreadable dataset
+            raise DataError(f"{path}: cannot read as HDF5 ({type(e).__name__}: {e}); expected a "
+                            f"DeepMind multi-object HDF5 file") from None
+        h, w = self.native
+        if variant == "clevr" and (h, w) == _CLEVR_SIZE:
+            self.crop = _CLEVR_CROP
+        else:
+            self.crop = _centre_square(h, w)
+        default = 128 if variant == "clevr" else self.crop[2]
+        self.resolution = resolution or default
+        self.name = variant if variant != "generic" else path.stem
+
+    def _inspect(self, f, split, val_size, test_size, max_objects):
+        """Find the layout, check shapes, pick this split's indices (CLEVR6 filter)."""
+        p, h5py = self.path, _import_h5py(self.path)
+        if "image" in f and "mask" in f:
+            self.layout, self.image_key, self.mask_key = "flat", "image", "mask"
+            group = f
+            n = f["image"].shape[0]
+            base = _index_split(p, n, split, val_size, test_size)
+        elif split in f and isinstance(f[split], h5py.Group):
+            if val_size is not None or test_size is not None:
+                raise DataError(f"{p}: has {{train,val,test}} groups; val_size/test_size apply "
+                                f"only to a flat file")
+            group = f[split]
+            if "imgs" not in group or "masks" not in group:
+                raise DataError(f"{p}: group {split!r} lacks 'imgs' or 'masks'; expected "
+                                f"{split}/imgs (N,H,W,C) and {split}/masks (N,O,H,W,1)")
+            self.layout = "grouped"
+            self.image_key, self.mask_key = f"{split}/imgs", f"{split}/masks"
+            n = group["imgs"].shape[0]
+            base = np.arange(n)
+        else:
+            raise DataError(f"{p}: expected keys 'image' and 'mask' (flat layout) or a group "
+                            f"{split!r} with 'imgs' and 'masks'; found {sorted(f.keys())}")
+        image, mask = f[self.image_key], f[self.mask_key]
+        if image.ndim != 4 or image.shape[-1] not in (1, 3, 4) or image.dtype != np.uint8:
+            raise DataError(f"{p}: {self.image_key!r} is {image.dtype} {image.shape}; "
+                            f"expected uint8 (N,H,W,C)")
+        n, h, w = image.shape[:3]
+        if self.layout == "flat":
+            ok = mask.shape[:3] == (n, h, w) and mask.ndim in (3, 4) and mask.shape[3:] in ((), (1,))
+            expect = f"({n},{h},{w},1)"
+        else:
+            ok = mask.ndim == 5 and mask.shape[0] == n and mask.shape[2:] == (h, w, 1)
+            expect = f"({n},O,{h},{w},1)"
+        if not ok or not np.issubdtype(mask.dtype, np.integer):
+            raise DataError(f"{p}: {self.mask_key!r} is {mask.dtype} {mask.shape}; expected integer {expect}")
+        self.native = (h, w)
+        # Per-entity arrays: only the keys DESIGN.md names; a categorical colour (N, E)
+        # (CLEVR's colour index) is not the contract's RGB, so it is left out.
+        self.prop_keys = {}
+        for key, out in _H5_PROPERTY_KEYS.items():
+            if key in group and isinstance(group[key], h5py.Dataset):
+                arr = group[key]
+                if key == "color" and arr.ndim == 2:
+                    continue
+                rgb = key == "color"
+                if arr.shape[0] != n or arr.ndim != 2 + rgb or (rgb and arr.shape[2] != 3):
+                    raise DataError(f"{p}: {key!r} has shape {arr.shape}; expected "
+                                    f"(N, E{', 3' if key == 'color' else ''}) with N = {n}")
+                self.prop_keys[out] = group.name.rstrip("/") + "/" + key
+        widths = {f[k].shape[1] for k in self.prop_keys.values()}
+        if self.layout == "grouped":
+            widths.add(mask.shape[1])
+        if len(widths) > 1:
+            raise DataError(f"{p}: per-entity arrays disagree on E ({sorted(widths)}); expected one E")
+        self.num_entities = widths.pop() if widths else None
+        if self.num_entities is None:  # flat file without properties: scan the masks once
+            chunks = range(0, n, _SCAN_CHUNK)
+            self.num_entities = 1 + max(int(mask[i:i + _SCAN_CHUNK].max()) for i in chunks)
+        self.max_objects = max(self.num_entities - self.num_background, 0)
+        if max_objects is not None:
+            counts = self._count_objects(f, base)
+            base = base[counts <= max_objects]
+            self.max_objects = min(self.max_objects, int(max_objects))
+        self.indices = base
+
+    def _count_objects(self, f, idx):
+        """Number of visible non-background objects of each image in idx, from
+        `visibility` if the file has it, else from the masks, in chunks."""
+        nb = self.num_background
+        if "visible" in self.prop_keys:
+            vis = f[self.prop_keys["visible"]][:]  # (N, E), small
+            return (vis[idx, nb:] > 0).sum(1)
+        counts = []
+        for lo in range(0, len(idx), _SCAN_CHUNK):
+            chunk = idx[lo: lo + _SCAN_CHUNK]
+            m = f[self.mask_key][chunk[0]: chunk[-1] + 1][chunk - chunk[0]]
+            if self.layout == "flat":
+                present = _present(torch.from_numpy(m.reshape(len(chunk), *self.native).astype(np.int64)),
+                                   self.num_entities).numpy()  # (n, E)
+            else:
+                present = (m > 127).any(axis=(2, 3, 4))  # (n, O)
+            counts.append(present[:, nb:].sum(1))
+        return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None, "_pid": None}  # workers reopen the file
+
+    def _h5(self):
+        if self._file is None or self._pid != os.getpid():
+            self._file = _import_h5py(self.path).File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return _unbatch(self.__getitems__([i]))
+
+    def __getitems__(self, indices):
+        f = self._h5()
+        idx = self.indices[np.asarray(indices)]
+        t, l, s = self.crop
+        rows, cols = slice(t, t + s), slice(l, l + s)
+        images = _images_to_float(_read_rows(f[self.image_key], idx, rows, cols))
+        if self.layout == "flat":
+            m = _read_rows(f[self.mask_key], idx, rows, cols)
+            mask = torch.from_numpy(m.reshape(len(idx), s, s).astype(np.int64))
+        else:
+            on = torch.from_numpy(_read_rows(f[self.mask_key], idx, slice(None), rows, cols)[..., 0] > 127)
+            o = on.shape[1]  # (B, O, s, s)
+            last = o - 1 - on.flip(1).int().argmax(1)  # index of the last object set
+            mask = torch.where(on.any(1), last, torch.full_like(last, -1)).long()
+        props = {k: _read_rows(f[key], idx) for k, key in self.prop_keys.items()}
+        out = _finish_batch(images, mask, self.resolution, props)
+        shown = _present(out["mask"], self.num_entities)  # (B, E)
+        out["visible"] = out["visible"] & shown if "visible" in out else shown
+        return out
+
+    @property
+    def properties(self):
+        return tuple(dict.fromkeys(("visible",) + tuple(self.prop_keys)))
+
+
+def _open_image(file, mode="RGB"):
+    """A PIL image file as a uint8 array (H, W, 3) (mode RGB) or (H, W) (mode None: as stored)."""
+    try:
+        with Image.open(file) as im:
+            return np.array(im.convert(mode) if mode else im)  # a writable copy for torch
+    except Exception as e:
+        raise DataError(f"{file}: unreadable image ({type(e).__name__}); expected a PNG or JPEG") from None
+
+
+_CLEVRTEX_SIZE, _CLEVRTEX_CROP = (240, 320), 192
+
+
+class ClevrTexDataset(torch.utils.data.Dataset):
+    """ClevrTex: `clevrtex_<variant>/<i//1000>/CLEVRTEX_<variant>_<i:06d>.png` with the
+    label map `..._flat.png` (0 = background, objects 1..10), 320x240. Centre crop
+    192, resize to `resolution` (default 128). Splits by position in the sorted
+    index list: test 0-10 %, val 10-20 %, train 20-100 %. `path` is the
+    `clevrtex_<variant>` folder or a folder holding it; variant full/outd/camo/...
+    comes from the folder name or the option `variant`.
+    """
+
+    def __init__(self, path, split, resolution=None, variant=None):
+        folder = path
+        if not path.name.lower().startswith("clevrtex_"):
+            subs = sorted(p for p in path.iterdir() if p.is_dir() and p.name.lower().startswith("clevrtex_"))
+            names = {p.name.lower()[len("clevrtex_"):]: p for p in subs}
+            if variant is None:
+                variant = "full" if "full" in names or len(names) != 1 else next(iter(names))
+            if variant not in names:
+                raise DataError(f"{path}: no clevrtex_{variant} folder; expected one of "
+                                f"{', '.join(p.name for p in subs) or 'clevrtex_<variant>'}")
+            folder = names[variant]
+        elif variant is None:
+            variant = path.name[len("clevrtex_"):]
+        pattern = f"*/CLEVRTEX_{variant}_" + "[0-9]" * 6 + ".png"
+        files = sorted(folder.glob(pattern), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        if not files:
+            raise DataError(f"{folder}: no images matching {pattern}; expected the ClevrTex layout "
+                            f"clevrtex_<variant>/<i//1000>/CLEVRTEX_<variant>_<i:06d>.png")
+        n = len(files)
+        lo, hi = {"test": (0.0, 0.1), "val": (0.1, 0.2), "train": (0.2, 1.0)}[split]
+        self.files = files[int(n * lo): int(n * hi)]
+        self.name, self.num_background, self.max_objects = f"clevrtex_{variant}", 1, 10
+        self.has_masks, self.properties = True, ()
+        self.resolution = resolution or 128
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return _unbatch(self.__getitems__([i]))
+
+    def __getitems__(self, indices):
+        images, masks = [], []
+        for i in indices:
+            file = self.files[i]
+            flat = file.with_name(file.stem + "_flat.png")
+            image, mask = _open_image(file), _open_image(flat, mode=None)
+            if image.shape[:2] != _CLEVRTEX_SIZE or mask.shape != _CLEVRTEX_SIZE:
+                raise DataError(f"{file}: image {image.shape[:2]} / label map {mask.shape}; "
+                                f"expected both {_CLEVRTEX_SIZE} (rows, cols), label map one channel")
+            images.append(image)
+            masks.append(mask)
+        h, w = _CLEVRTEX_SIZE
+        t, l, s = (h - _CLEVRTEX_CROP) // 2, (w - _CLEVRTEX_CROP) // 2, _CLEVRTEX_CROP
+        images = _images_to_float(np.stack(images)[:, t:t + s, l:l + s])
+        mask = torch.from_numpy(np.stack(masks)[:, t:t + s, l:l + s].astype(np.int64))
+        return _finish_batch(images, mask, self.resolution)
+
+
+def rle_decode(counts, height, width):
+    """A COCO run-length encoding -> bool mask (height, width).
+
+    counts: the uncompressed list of run lengths, or the compressed string. Runs
+    alternate 0, 1, 0, ... starting with zeros, over pixels in column-major
+    (Fortran) order. The string packs each count in 5-bit groups, least
+    significant first, as characters chr(48 + g), bit 0x20 = "more groups
+    follow", bit 0x10 of the last group = sign; from the third count on, a
+    count is stored as the difference to the count two before it.
+    """
+    if isinstance(counts, (bytes, str)):
+        s = counts.decode("ascii") if isinstance(counts, bytes) else counts
+        runs, p = [], 0
+        while p < len(s):
+            x, k, more = 0, 0, True
+            while more:
+                c = ord(s[p]) - 48
+                x |= (c & 0x1F) << (5 * k)
+                more = bool(c & 0x20)
+                p, k = p + 1, k + 1
+                if not more and c & 0x10:
+                    x |= -1 << (5 * k)  # sign-extend
+            if len(runs) > 2:
+                x += runs[-2]
+            runs.append(x)
+        counts = runs
+    runs = np.asarray(counts, dtype=np.int64)
+    if runs.ndim != 1 or (runs < 0).any() or runs.sum() != height * width:
+        raise ValueError(f"run lengths sum to {runs.sum()}, expected {height * width}")
+    values = np.arange(len(runs)) % 2 == 1  # runs alternate background, foreground
+    return np.repeat(values, runs).reshape(width, height).T  # column-major -> (H, W)
+
+
+def _polygon_mask(polygons, height, width):
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for poly in polygons:
+        if len(poly) >= 6:  # at least three (x, y) points
+            draw.polygon([float(v) for v in poly], fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+class CocoDataset(torch.utils.data.Dataset):
+    """COCO 2017 instances: `annotations/instances_{train,val}2017.json` and
+    `{train,val}2017/*.jpg`. train -> train2017; val and test both -> val2017
+    (COCO's test set has no public masks). Every image listed in the JSON is
+    used, in id order. Mask: instances get ids 1..n in annotation order, 0 =
+    unlabelled background, -1 = crowd regions and pixels of two or more
+    instances. Image: short side resized to `resolution` (default 224; bicubic),
+    centre crop; mask resized nearest to match.
+    """
+
+    def __init__(self, path, split, resolution=None):
+        part = "train2017" if split == "train" else "val2017"
+        file = path / "annotations" / f"instances_{part}.json"
+        if not file.is_file():
+            raise DataError(f"{file}: missing; expected COCO 2017 instances annotations")
+        try:
+            with open(file) as fh:
+                coco = json.load(fh)
+            images = {int(im["id"]): (im["file_name"], int(im["height"]), int(im["width"]))
+                      for im in coco["images"]}
+            anns = {i: [] for i in images}
+            for a in coco["annotations"]:
+                anns[int(a["image_id"])].append((a["segmentation"], bool(a.get("iscrowd", 0))))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{file}: not a COCO instances file ({type(e).__name__}: {e}); expected "
+                            f"'images' with id/file_name/height/width and 'annotations' with "
+                            f"image_id/segmentation") from None
+        self.folder, self.file = path / part, file
+        self.items = [(images[i][0], images[i][1], images[i][2], anns[i]) for i in sorted(images)]
+        if not self.items:
+            raise DataError(f"{file}: lists no images; expected a COCO instances file with images")
+        self.max_objects = max(sum(not crowd for _, crowd in a) for *_, a in self.items)
+        self.name, self.num_background, self.has_masks, self.properties = "coco", 1, True, ()
+        self.resolution = resolution or 224
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return _unbatch(self.__getitems__([i]))
+
+    def _mask(self, name, h, w, anns):
+        """int64 (h, w) at native size: ids 1..n, 0 background, -1 crowd/overlap."""
+        inst, crowd = [np.zeros((h, w), bool)], np.zeros((h, w), bool)
+        for seg, is_crowd in anns:
+            try:
+                if isinstance(seg, dict):
+                    rh, rw = seg["size"]
+                    if (rh, rw) != (h, w):
+                        raise ValueError(f"RLE size {seg['size']} != image size {[h, w]}")
+                    m = rle_decode(seg["counts"], h, w)
+                else:
+                    m = _polygon_mask(seg, h, w)
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise DataError(f"{self.file}: bad segmentation for {name} ({e}); expected "
+                                f"polygons or an RLE with counts and size") from None
+            if is_crowd:
+                crowd |= m
+            else:
+                inst.append(m)
+        inst = np.stack(inst)  # (1 + n, h, w); slot 0 is an all-False placeholder
+        count = inst.sum(0)
+        ids = inst.argmax(0)  # the single instance where count == 1
+        mask = np.where(count == 1, ids, 0)
+        mask[(count > 1) | crowd] = -1
+        return mask
+
+    def __getitems__(self, indices):
+        r = self.resolution
+        images, masks = [], []
+        for i in indices:
+            name, h, w, anns = self.items[i]
+            image = _open_image(self.folder / name)
+            if image.shape[:2] != (h, w):
+                raise DataError(f"{self.folder / name}: size {image.shape[:2]} differs from the "
+                                f"annotation's {(h, w)}")
+            nh, nw = (r, max(r, round(w * r / h))) if h <= w else (max(r, round(h * r / w)), r)
+            t, l = (nh - r) // 2, (nw - r) // 2
+            x = _resize_images(_images_to_float(image[None]), nh, nw, mode="bicubic")
+            images.append(x[0, :, t:t + r, l:l + r])
+            m = _resize_masks(torch.from_numpy(self._mask(name, h, w, anns))[None], nh, nw)
+            masks.append(m[0, t:t + r, l:l + r])
+        return {"image": torch.stack(images).contiguous(), "mask": torch.stack(masks).long()}
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Unlabelled images (png/jpg, found recursively, sorted by path): for training
+    only. `mask` is all -1 and has_masks is False; every split returns the same
+    images (there are no labels to hold out). Each image is centre-cropped to a
+    square and resized to `resolution` (default 64).
+    """
+
+    def __init__(self, path, split, resolution=None):
+        self.files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+        if not self.files:
+            raise DataError(f"{path}: no .png/.jpg images found; expected a dataset file, a "
+                            f"dataset folder (npz splits, ClevrTex, COCO) or a folder of images")
+        self.name, self.num_background, self.max_objects = path.name, 1, 0
+        self.has_masks, self.properties = False, ()
+        self.resolution = resolution or 64
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return _unbatch(self.__getitems__([i]))
+
+    def __getitems__(self, indices):
+        r, images = self.resolution, []
+        for i in indices:
+            image = _open_image(self.files[i])
+            t, l, s = _centre_square(*image.shape[:2])
+            images.append(_resize_images(_images_to_float(image[None, t:t + s, l:l + s]), r, r)[0])
+        images = torch.stack(images)  # (B, 3, r, r)
+        return {"image": images, "mask": torch.full((len(indices), r, r), -1, dtype=torch.int64)}
+
+
+def open_real(path, split, resolution=None, **options):
+    """Open a real dataset from a local path; the format is recognised from it:
+
+    - `X.npz` file, or a folder with train.npz/val.npz/test.npz: NpzDataset
+      (options val_size, test_size for a single file)
+    - `X.h5` / `X.hdf5`: H5Dataset (options variant, max_objects, val_size, test_size)
+    - a folder holding annotations/instances_*2017.json: CocoDataset
+    - a `clevrtex_<variant>` folder, or one holding such folders: ClevrTexDataset (option variant)
+    - any other folder: ImageFolderDataset (images without labels)
+    Anything else raises DataError.
+    """
+    path = Path(path)
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; expected a dataset path")
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix == ".npz":
+        _check_options(path, options, ("val_size", "test_size"))
+        return NpzDataset(path, split, resolution, **options)
+    if path.is_file() and suffix in (".h5", ".hdf5"):
+        _check_options(path, options, ("variant", "max_objects", "val_size", "test_size"))
+        return H5Dataset(path, split, resolution, **options)
+    if path.is_file():
+        raise DataError(f"{path}: unknown file type {suffix or '(none)'}; expected .npz, .h5/.hdf5 "
+                        f"or a dataset folder")
+    if any((path / f"{s}.npz").exists() for s in SPLITS):
+        _check_options(path, options, ())
+        file = path / f"{split}.npz"
+        if not file.is_file():
+            raise DataError(f"{file}: missing; expected one .npz per split in {path}")
+        return NpzDataset(path, split, resolution, file=file)
+    if any((path / "annotations").glob("instances_*2017.json")):
+        _check_options(path, options, ())
+        return CocoDataset(path, split, resolution)
+    if path.name.lower().startswith("clevrtex_") or any(path.glob("clevrtex_*")):
+        _check_options(path, options, ("variant",))
+        return ClevrTexDataset(path, split, resolution, **options)
+    _check_options(path, options, ())
+    return ImageFolderDataset(path, split, resolution)
+
+
 
 # --- Dispatch
 
@@ -452,10 +1090,86 @@ def make_loader(dataset, batch_size, shuffle, seed=0, workers=0, distributed=Fal
     sampler = StepBatchSampler(len(dataset), batch_size, shuffle, seed, rank, world, start_step)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=_collate_batch, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        # pinning only helps host tensors; a dataset generated on the GPU is already there
+        pin_memory=torch.cuda.is_available() and getattr(dataset, "device", torch.device("cpu")).type == "cpu",
         # its own generator: creating an iterator must not draw from the global RNG, or a
         # resumed run's model noise would differ from an uninterrupted run's
         generator=torch.Generator().manual_seed(seed))
 
 
 # --- Sample grid
+
+
+# A fixed palette of distinct colours (cycled when K exceeds it): saturated hues
+# first, so the first slots are the easiest to tell apart.
+PALETTE = torch.tensor([
+    [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+    [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+    [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128],
+    [0, 0, 0], [255, 160, 0], [100, 149, 237], [0, 100, 0],
+], dtype=torch.uint8)  # (P, 3)
+
+_GUTTER, _MIN_CELL = 2, 64
+
+
+def colorize(seg):
+    """int (B, H, W) segmentation -> uint8 (B, H, W, 3) RGB: id k gets PALETTE[k mod P];
+    negative ids (ignored pixels) are white."""
+    seg = torch.as_tensor(seg).long().cpu()
+    out = PALETTE[seg.clamp(min=0) % len(PALETTE)]  # (B, H, W, 3)
+    out[seg < 0] = 255
+    return out
+
+
+def _to_uint8(x):
+    """float (..., 3, H, W) in [0, 1] (clamped) -> uint8 (..., 3, H, W)."""
+    return (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def save_grid(path, image, recon, masks, slot_recons, extra_masks=None, max_images=8):
+    """Write DESIGN.md's sample grid as an image file (format from the suffix, PNG by default).
+
+    image, recon: (B, 3, H, W) in [0, 1]; masks: (B, K, H, W) soft or hard;
+    slot_recons: (B, K, 3, H, W) in [0, 1]; extra_masks: optional list of
+    (B, K, H, W) (e.g. MONet's attention masks next to its decoded masks).
+    One row per image (the first max_images). Columns:
+      input | reconstruction | argmax(masks) in PALETTE | argmax(extra) ... |
+      slot k: masks[k] * slot_recons[k] + (1 - masks[k]) * white, for k = 1..K.
+    Cells are upscaled nearest to at least 64 px and separated by 2 px white
+    gutters (also around the border), so the file is
+    (rows * (h + 2) + 2) x (cols * (w + 2) + 2) pixels for upscaled cell size h x w.
+    Written to a temporary file and renamed, so a reader never sees half a file.
+    """
+    b = min(image.shape[0], max_images)
+    masks = masks[:b].detach().float().cpu()
+    k, h, w = masks.shape[1:]
+    extra = list(extra_masks or [])
+    got = [image.shape[1:], recon.shape[1:], slot_recons.shape[1:]] + [e.shape[1:] for e in extra]
+    want = [(3, h, w), (3, h, w), (k, 3, h, w)] + [(k, h, w)] * len(extra)
+    if [tuple(g) for g in got] != want:
+        raise ValueError(f"save_grid: image {tuple(image.shape)}, recon {tuple(recon.shape)}, masks "
+                         f"{(b, k, h, w)}, slot_recons {tuple(slot_recons.shape)}; expected (B,3,H,W), "
+                         f"(B,3,H,W), (B,K,H,W), (B,K,3,H,W)")
+    cols = [_to_uint8(image[:b]), _to_uint8(recon[:b])]  # each (b, 3, H, W)
+    for m in [masks] + [e[:b].detach().float().cpu() for e in extra]:
+        cols.append(colorize(m.argmax(1)).permute(0, 3, 1, 2))  # (b, 3, H, W)
+    white = torch.ones(1, 1, 3, 1, 1)
+    slots = slot_recons[:b].detach().float().cpu().clamp(0, 1)  # (b, K, 3, H, W)
+    weight = masks.clamp(0, 1).unsqueeze(2)  # (b, K, 1, H, W)
+    masked = _to_uint8(weight * slots + (1 - weight) * white)  # (b, K, 3, H, W)
+    cells = torch.cat([torch.stack(cols, 1), masked], 1)  # (b, C, 3, H, W)
+    scale = max(1, math.ceil(_MIN_CELL / min(h, w)))
+    cells = cells.repeat_interleave(scale, -2).repeat_interleave(scale, -1)  # (b, C, 3, sH, sW)
+    g = _GUTTER
+    cells = F.pad(cells, (g, 0, g, 0), value=255)  # gutter above and left of every cell
+    rows, ncol, _, ch, cw = cells.shape
+    canvas = cells.permute(2, 0, 3, 1, 4).reshape(3, rows * ch, ncol * cw)  # (3, b*ch, C*cw)
+    canvas = F.pad(canvas, (0, g, 0, g), value=255)  # closing gutter on the right and bottom
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy()).save(tmp, format=fmt)
+    os.replace(tmp, path)
