@@ -56,7 +56,7 @@ Commands
     python monet.py --data shapes --beta 0          # no VAE KL
     python monet.py --data shapes --gamma 0         # no mask reconstruction
     python monet.py --data shapes --loss ir         # IR loss in place of the mixture NLL
-    python scripts/monet_ablation.py --data shapes --seeds 0 1 2 --device cuda
+    python scripts/monet_ablation.py --data shapes --preset paper --steps 100000 --seeds 0 1 2 --device cuda
   ObjectsRoom from the DeepMind HDF5 file (64 px, K=7):
     python monet.py --data /data/objects_room_train.h5
   CPU, tiny preset:

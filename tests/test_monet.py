@@ -321,8 +321,11 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(v, part["model"][k]), k
     for k, v in full["optimizer"]["state"].items():
         assert torch.equal(v["square_avg"], part["optimizer"]["state"][k]["square_avg"]), k
-    losses_of = lambda run: [l["loss"] for l in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
-                             if l["split"] == "train"]
+
+    def losses_of(run):
+        lines = map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        return [l["loss"] for l in lines if l["split"] == "train"]
+
     assert len(losses_of("full")) == 6 and losses_of("full") == losses_of("part")
 
 
