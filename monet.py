@@ -6,17 +6,17 @@ Papers
   Learning", arXiv 2310.03273 (beta = 0, gamma = 0 and the "IR" loss).
 
 What is implemented
-  - Attention network (App. B.2 of 1901.11390): a U-Net on [x, log s_{k-1}] with conv 3x3, InstanceNorm,
+  - Attention network (appendix of 1901.11390): a U-Net on [x, log s_{k-1}] with conv 3x3, InstanceNorm,
     ReLU, nearest 2x down/up-sampling, an MLP 128-128 at the bottleneck and a 1x1 conv to one logit a_k.
     Depth from the resolution: floor(log2(res)) - 1 blocks (5 at 64 px, 6 at 128).
-  - Stick-breaking recursion in log space (Sec. 2.1): log s_0 = 0,
+  - Stick-breaking recursion in log space (Sec. 2 of 1901.11390): log s_0 = 0,
       log m_k = log s_{k-1} + logsigmoid(a_k),   log s_k = log s_{k-1} + logsigmoid(-a_k),
     K-1 attention steps; the last slot takes the remaining scope, log m_K = log s_{K-1}. Slot 0 is the
     background slot (it gets sigma_bg). The recursion is sequential over K by nature; nothing else is.
-  - Component VAE (App. B.1), all K slots in one batched call: encoder on [x, log m_k], 4 x conv 3x3
-    stride 2 (32, 32, 64, 64), MLP 256 -> (mu, log-variance) of a 16-d latent; spatial broadcast decoder
-    to (H+8) x (W+8) with 2 coordinate channels, 4 x unpadded conv 3x3 (32), 1x1 conv to RGB mean + mask
-    logit. The reconstruction shown in samples is sum_k m_k mu_k.
+  - Component VAE (appendix of 1901.11390), all K slots in one batched call: encoder on [x, log m_k],
+    4 x conv 3x3 stride 2 (32, 32, 64, 64), MLP 256 -> (mu, log-variance) of a 16-d latent; spatial
+    broadcast decoder to (H+8) x (W+8) with 2 coordinate channels, 4 x unpadded conv 3x3 (32), 1x1 conv
+    to RGB mean + mask logit. The reconstruction shown in samples is sum_k m_k mu_k.
   - Objective (eq. 3 of 1901.11390), each term logged separately:
       --loss nll:  -sum_pix log sum_k m_k N(x; mu_k, sigma_k^2)                          (term "nll")
       --loss ir:    sum_pix sum_k m_k ||x - mu_k||^2 / (2 sigma_k^2)                     (term "ir")
@@ -120,7 +120,7 @@ BINARY_THRESHOLD = 0.9  # a pixel counts as "binarised" when its largest mask va
 
 
 def unet_blocks_for(resolution):
-    """U-Net depth from the resolution: 5 blocks at 64 px, 6 at 128 (App. B.2), floor(log2(res)) - 1."""
+    """U-Net depth: floor(log2(res)) - 1 blocks, i.e. 5 at 64 px and 6 at 128 (appendix of 1901.11390)."""
     return max(1, int(math.log2(resolution)) - 1)
 
 
@@ -198,12 +198,12 @@ def parse_args(argv=None):
 
 
 def conv_block(c_in, c_out):
-    """One U-Net block: conv 3x3 SAME, InstanceNorm, ReLU (App. B.2)."""
+    """One U-Net block: conv 3x3 SAME, InstanceNorm, ReLU (appendix of 1901.11390)."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.InstanceNorm2d(c_out, affine=True), nn.ReLU())
 
 
 class AttentionNet(nn.Module):
-    """U-Net from [x, log scope] to one attention logit per pixel (App. B.2 of 1901.11390).
+    """U-Net from [x, log scope] to one attention logit per pixel (appendix of 1901.11390).
 
     Down path: `blocks` conv blocks, nearest 2x down-sampling after all but the last (skips taken before
     it); bottleneck: MLP hidden-hidden on the flattened deepest map; up path: nearest up-sampling to the
@@ -243,7 +243,7 @@ def coordinate_grid(h, w, device=None):
 
 
 class ComponentVAE(nn.Module):
-    """q(z_k | x, m_k) and the spatial broadcast decoder p(x_k, l_k | z_k) (App. B.1 of 1901.11390)."""
+    """q(z_k | x, m_k) and the spatial broadcast decoder p(x_k, l_k | z_k) (appendix of 1901.11390)."""
 
     def __init__(self, resolution, enc_channels, enc_hidden, dec_channels, latent_dim):
         super().__init__()
@@ -291,7 +291,8 @@ class MONet(nn.Module):
         self.vae = ComponentVAE(resolution, enc_channels, enc_hidden, dec_channels, latent_dim)
 
     def attend(self, x):
-        """Stick-breaking in log space (Sec. 2.1). Returns log m (B, K, H, W) and logits a (B, K-1, H, W)."""
+        """Stick-breaking in log space (Sec. 2 of 1901.11390).
+        Returns log m (B, K, H, W) and the attention logits a (B, K-1, H, W)."""
         log_scope = torch.zeros_like(x[:, :1])  # log s_0 = log 1, (B, 1, H, W)
         log_masks, logits = [], []
         for _ in range(self.num_slots - 1):  # sequential: step k needs the scope left by step k-1
@@ -531,7 +532,7 @@ def _main(args):
         train_ds = torch.utils.data.Subset(train_ds, range(min(args.train_size, len(train_ds))))
     eval_ds = data.make_dataset(args.data, "val", args.resolution)
 
-    opt = torch.optim.RMSprop(model.parameters(), lr=args.lr)  # App. B.3: RMSprop, lr 1e-4
+    opt = torch.optim.RMSprop(model.parameters(), lr=args.lr)  # the paper: RMSprop, lr 1e-4
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
     step = 0
     if ckpt is not None:

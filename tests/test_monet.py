@@ -22,7 +22,8 @@ import monet  # noqa: E402
 # A model small enough that a CPU step takes milliseconds.
 TINY = ["--preset", "tiny", "--resolution", "16", "--num-slots", "3", "--unet-channels", "4", "--mlp-hidden", "16",
         "--enc-channels", "4", "--enc-hidden", "16", "--dec-channels", "4", "--latent-dim", "4", "--batch-size", "4"]
-CLI = TINY + ["--log-every", "2", "--eval-every", "3", "--save-every", "3", "--eval-size", "8", "--data", "shapes-binary"]
+CLI = TINY + ["--log-every", "2", "--eval-every", "3", "--save-every", "3", "--eval-size", "8",
+              "--data", "shapes-binary"]
 
 
 @pytest.fixture(autouse=True, scope="module")
