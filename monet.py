@@ -1,0 +1,630 @@
+"""MONet, with the loss ablations of arXiv 2310.03273 and mask-binarisation diagnostics.
+
+Papers
+  Burgess et al., "MONet: Unsupervised Scene Decomposition and Representation", 2019, arXiv 1901.11390.
+  "Ablation Study to Clarify the Mechanism of Object Segmentation in Multi-Object Representation
+  Learning", arXiv 2310.03273 (beta = 0, gamma = 0 and the "IR" loss).
+
+What is implemented
+  - Attention network (appendix of 1901.11390): a U-Net on [x, log s_{k-1}] with conv 3x3, InstanceNorm,
+    ReLU, nearest 2x down/up-sampling, an MLP 128-128 at the bottleneck and a 1x1 conv to one logit a_k.
+    Depth from the resolution: floor(log2(res)) - 1 blocks (5 at 64 px, 6 at 128).
+  - Stick-breaking recursion in log space (Sec. 2 of 1901.11390): log s_0 = 0,
+      log m_k = log s_{k-1} + logsigmoid(a_k),   log s_k = log s_{k-1} + logsigmoid(-a_k),
+    K-1 attention steps; the last slot takes the remaining scope, log m_K = log s_{K-1}. Slot 0 is the
+    background slot (it gets sigma_bg). The recursion is sequential over K by nature; nothing else is.
+  - Component VAE (appendix of 1901.11390), all K slots in one batched call: encoder on [x, log m_k],
+    4 x conv 3x3 stride 2 (32, 32, 64, 64), MLP 256 -> (mu, log-variance) of a 16-d latent; spatial
+    broadcast decoder to (H+8) x (W+8) with 2 coordinate channels, 4 x unpadded conv 3x3 (32), 1x1 conv
+    to RGB mean + mask logit. The reconstruction shown in samples is sum_k m_k mu_k.
+  - Objective (eq. 3 of 1901.11390), each term logged separately:
+      --loss nll:  -sum_pix log sum_k m_k N(x; mu_k, sigma_k^2)                          (term "nll")
+      --loss ir:    sum_pix sum_k m_k ||x - mu_k||^2 / (2 sigma_k^2)                     (term "ir")
+      + beta  * sum_k KL(q(z_k | x, m_k) || N(0, I))                                     (term "kl")
+      + gamma * KL(m || softmax_k(mask logits)) = sum_k sum_pix m_k (log m_k - log_softmax_k(l))   ("mask_kl")
+    summed over pixels, slots and latent dimensions, averaged over the batch. sigma_0 = --sigma-bg,
+    sigma_{k>0} = --sigma-fg. --beta 0 / --gamma 0 (the ablations of 2310.03273) skip the term: it is
+    neither computed nor logged and contributes no gradient.
+  - The IR loss: the exact equation of 2310.03273 is not public. We use the mask-weighted per-component
+    reconstruction error above (losses.ir_loss). It is the Jensen upper bound of the mixture NLL (up to
+    the Gaussian normaliser), equal to it for one-hot masks, and it is linear in the masks, so its
+    minimum over masks is the one-hot mask on the component that reconstructs a pixel best: the same
+    winner-take-all mechanism that the paper credits for the binarisation of MONet's masks.
+  - Evaluation: ARI, FG-ARI, mIoU, mBO of the attention masks (and dec_* of the decoded masks
+    softmax_k(l)); the binarisation diagnostics att_entropy / dec_entropy (mean per-pixel entropy
+    -sum_k m_k log m_k, in nats) and att_binary / dec_binary (fraction of pixels with max_k m_k > 0.9);
+    and the mixture NLL, KL, mask KL and MSE of every variant, so runs with different losses compare.
+
+Deviations and choices (each one stated so a reader can undo it)
+  - The U-Net channel width is not in our facts of the paper: every level has --unet-channels (64).
+    Resolutions that are not a power of two are handled by resizing each up-sampled map to its skip
+    connection's size (35 px tetrominoes: 35 -> 17 -> 8 -> 4).
+  - The posterior is parameterised by its log-variance; evaluation decodes the posterior mean, training
+    samples z = mu + exp(logvar / 2) * noise.
+  - The decoder's RGB means are not squashed (no sigmoid), as in the paper's description; the sample
+    grid clamps them to [0, 1]. Images stay in [0, 1], the range sigma_bg = 0.09 and sigma_fg = 0.11
+    refer to.
+  - Optimiser: RMSprop lr 1e-4 as the paper, with PyTorch's other defaults (alpha 0.99, eps 1e-8); the
+    paper's decay and epsilon are not in our facts. Constant learning rate (an optional linear warm-up).
+  - The attention network's input scope is log s_{k-1}, given to it as a fourth channel; the VAE's
+    input is log m_k (may be very negative where a slot has no scope, never -inf).
+
+Commands
+  GPU, paper configuration (Multi-dSprites-like built-in data, K=7, batch 64, ~1M steps):
+    python monet.py --data shapes --device cuda
+  The ablations of arXiv 2310.03273:
+    python monet.py --data shapes --beta 0          # no VAE KL
+    python monet.py --data shapes --gamma 0         # no mask reconstruction
+    python monet.py --data shapes --loss ir         # IR loss in place of the mixture NLL
+    python scripts/monet_ablation.py --data shapes --preset paper --steps 100000 --seeds 0 1 2 --device cuda
+  ObjectsRoom from the DeepMind HDF5 file (64 px, K=7):
+    python monet.py --data /data/objects_room_train.h5
+  CPU, tiny preset:
+    python monet.py --preset tiny
+  Several GPUs (or CPU processes with gloo):
+    torchrun --nproc_per_node=4 monet.py --data shapes
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from tqdm import tqdm
+
+import data
+import losses
+import metrics
+
+# --- Arguments
+
+# Per-preset defaults; explicit flags override. None in the parser means "from the preset".
+PRESETS = {
+    "paper": dict(batch_size=64, steps=1_000_000, lr=1e-4, warmup_steps=0, grad_clip=0.0, unet_channels=64,
+                  mlp_hidden=128, enc_channels=32, enc_hidden=256, dec_channels=32, latent_dim=16,
+                  log_every=100, eval_every=5_000, eval_size=320, save_every=5_000),
+    # tiny: about 0.5-1 s a step on 2 busy CPU cores at K=7, hence the short run.
+    "tiny": dict(batch_size=16, steps=1_000, lr=3e-4, warmup_steps=0, grad_clip=0.0, unet_channels=16,
+                 mlp_hidden=64, enc_channels=16, enc_hidden=64, dec_channels=16, latent_dim=16, resolution=32,
+                 log_every=50, eval_every=250, eval_size=64, save_every=250),
+}
+# Per-data defaults: resolution and K (one slot more than the most entities an image holds; 7 as the
+# paper for CLEVR6 and ObjectsRoom).
+DATA_DEFAULTS = {
+    "shapes": dict(resolution=64, num_slots=7),
+    "shapes-colored": dict(resolution=64, num_slots=6),
+    "shapes-binary": dict(resolution=64, num_slots=5),
+    "tetrominoes": dict(resolution=35, num_slots=5),
+    # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px.
+    "clevr": dict(resolution=128, num_slots=7),  # CLEVR6
+    "clevrtex": dict(resolution=128, num_slots=11),
+    "objects_room": dict(resolution=64, num_slots=7),
+    "dsprites": dict(resolution=64, num_slots=7),
+    "tetromino": dict(resolution=35, num_slots=5),
+    "other": dict(resolution=64, num_slots=7),
+}
+LOSSES = ("nll", "ir")
+# Flags that define the network: --eval-only and --resume take them from the checkpoint.
+ARCH_KEYS = ("resolution", "num_slots", "unet_channels", "unet_blocks", "mlp_hidden", "enc_channels",
+             "enc_hidden", "dec_channels", "latent_dim", "data")
+BINARY_THRESHOLD = 0.9  # a pixel counts as "binarised" when its largest mask value exceeds this
+
+
+def unet_blocks_for(resolution):
+    """U-Net depth: floor(log2(res)) - 1 blocks, i.e. 5 at 64 px and 6 at 128 (appendix of 1901.11390)."""
+    return max(1, int(math.log2(resolution)) - 1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="MONet (arXiv 1901.11390) with the loss ablations of "
+                                "arXiv 2310.03273.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=["paper", "tiny"], default="paper",
+      help="paper: the paper's configuration for --data; tiny: a CPU-sized model. Explicit flags override.")
+    a("--data", default="shapes", help="built-in set (%s) or a dataset path" % ", ".join(data.BUILTIN))
+    a("--train-size", type=int, default=None, help="use only the first N training images (None: all)")
+    a("--resolution", type=int, default=None, help="image side in pixels (None: preset/data default)")
+    a("--num-slots", type=int, default=None, help="number of slots K, background slot included (None: per data set)")
+    a("--unet-channels", type=int, default=None, help="channels of every U-Net level of the attention network")
+    a("--unet-blocks", type=int, default=None,
+      help="U-Net blocks per path (None: floor(log2(resolution)) - 1, i.e. 5 at 64 px, 6 at 128)")
+    a("--mlp-hidden", type=int, default=None, help="width of the two hidden layers of the U-Net bottleneck MLP")
+    a("--enc-channels", type=int, default=None, help="VAE encoder channels c: the 4 stride-2 convs have c, c, 2c, 2c")
+    a("--enc-hidden", type=int, default=None, help="hidden width of the VAE encoder MLP")
+    a("--dec-channels", type=int, default=None, help="channels of the VAE's 4 unpadded decoder convs")
+    a("--latent-dim", type=int, default=None, help="size of each slot's latent z_k")
+    a("--loss", choices=LOSSES, default="nll",
+      help="nll: mixture negative log-likelihood (paper); ir: mask-weighted reconstruction error (2310.03273)")
+    a("--beta", type=float, default=0.5, help="weight of the VAE KL; 0 removes the term (ablation)")
+    a("--gamma", type=float, default=0.5, help="weight of the mask reconstruction KL; 0 removes the term (ablation)")
+    a("--sigma-bg", type=float, default=0.09, help="likelihood std of the background slot (slot 0), image in [0, 1]")
+    a("--sigma-fg", type=float, default=0.11, help="likelihood std of the other slots, image in [0, 1]")
+    a("--batch-size", type=int, default=None, help="images per step (per process under torchrun)")
+    a("--steps", type=int, default=None, help="total optimiser steps")
+    a("--lr", type=float, default=None, help="RMSprop learning rate")
+    a("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up, in steps (0: none, the paper)")
+    a("--grad-clip", type=float, default=None, help="max gradient norm (0: no clipping, the paper)")
+    a("--seed", type=int, default=0, help="seeds python, numpy, torch and the data order")
+    a("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu")
+    a("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--workers", type=int, default=0, help="data loader worker processes")
+    a("--out-dir", default="runs", help="parent folder of run folders")
+    a("--run-name", default=None, help="run folder name (default: monet-DATA-LOSS-bBETA-gGAMMA-seedN)")
+    a("--log-every", type=int, default=None, help="steps between train log lines")
+    a("--eval-every", type=int, default=None, help="steps between evaluations (0: only at the end)")
+    a("--eval-size", type=int, default=None, help="held-out images per evaluation")
+    a("--save-every", type=int, default=None, help="steps between checkpoints")
+    a("--resume", default=None, help="checkpoint to continue from (its run folder is reused)")
+    a("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint, write eval.json, exit")
+    args = p.parse_args(argv)
+
+    key = args.data if args.data in DATA_DEFAULTS else next(
+        (k for k in ("clevrtex", "clevr", "objects_room", "dsprites", "tetromino") if k in args.data.lower()), "other")
+    for k, v in {**DATA_DEFAULTS[key], **PRESETS[args.preset]}.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.unet_blocks is None:
+        args.unet_blocks = unet_blocks_for(args.resolution)
+    positive = ("resolution", "num_slots", "unet_channels", "unet_blocks", "mlp_hidden", "enc_channels",
+                "enc_hidden", "dec_channels", "latent_dim", "batch_size", "steps", "log_every", "save_every",
+                "eval_size", "sigma_bg", "sigma_fg")
+    for k in positive:
+        if getattr(args, k) <= 0:
+            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    for k in ("warmup_steps", "grad_clip", "eval_every", "workers", "beta", "gamma", "lr"):
+        if getattr(args, k) < 0:
+            p.error(f"--{k.replace('_', '-')} must be non-negative, got {getattr(args, k)}")
+    if args.resolution < 8:
+        p.error(f"--resolution must be at least 8, got {args.resolution}")
+    if args.resolution >> (args.unet_blocks - 1) < 2:  # InstanceNorm needs more than one pixel
+        p.error(f"--unet-blocks {args.unet_blocks} halves {args.resolution} px below 2 px; "
+                f"use at most {unet_blocks_for(args.resolution)}")
+    if args.train_size is not None and args.train_size <= 0:
+        p.error("--train-size must be positive")
+    return args
+
+
+# --- Model
+
+
+def conv_block(c_in, c_out):
+    """One U-Net block: conv 3x3 SAME, InstanceNorm, ReLU (appendix of 1901.11390)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.InstanceNorm2d(c_out, affine=True), nn.ReLU())
+
+
+class AttentionNet(nn.Module):
+    """U-Net from [x, log scope] to one attention logit per pixel (appendix of 1901.11390).
+
+    Down path: `blocks` conv blocks, nearest 2x down-sampling after all but the last (skips taken before
+    it); bottleneck: MLP hidden-hidden on the flattened deepest map; up path: nearest up-sampling to the
+    skip's size, concatenation with the skip, conv block; 1x1 conv to one logit.
+    """
+
+    def __init__(self, resolution, channels, blocks, mlp_hidden):
+        super().__init__()
+        self.down = nn.ModuleList([conv_block(4 if i == 0 else channels, channels) for i in range(blocks)])
+        self.up = nn.ModuleList([conv_block(2 * channels, channels) for _ in range(blocks)])
+        side = resolution >> (blocks - 1)  # nearest 0.5x down-sampling floors odd sizes
+        flat = channels * side * side
+        self.mlp = nn.Sequential(nn.Linear(flat, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, mlp_hidden), nn.ReLU(),
+                                 nn.Linear(mlp_hidden, flat), nn.ReLU())
+        self.head = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x, log_scope):
+        h = torch.cat([x, log_scope], dim=1)  # (B, 3 + 1, H, W)
+        skips = []
+        for i, block in enumerate(self.down):
+            h = block(h)
+            skips.append(h)
+            if i < len(self.down) - 1:
+                h = F.interpolate(h, scale_factor=0.5, mode="nearest")
+        h = self.mlp(h.flatten(1)).view_as(h)  # (B, C, s, s) -> (B, C*s*s) -> back
+        for block, skip in zip(self.up, reversed(skips)):
+            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")  # identity at the bottom level
+            h = block(torch.cat([h, skip], dim=1))  # (B, 2C, h, w) -> (B, C, h, w)
+        return self.head(h)  # (B, 1, H, W) attention logits a_k
+
+
+def coordinate_grid(h, w, device=None):
+    """(2, h, w) channels of y and x in linspace(-1, 1): what the broadcast decoder adds to the latent."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device),
+                          indexing="ij")
+    return torch.stack([y, x])  # (2, h, w)
+
+
+class ComponentVAE(nn.Module):
+    """q(z_k | x, m_k) and the spatial broadcast decoder p(x_k, l_k | z_k) (appendix of 1901.11390)."""
+
+    def __init__(self, resolution, enc_channels, enc_hidden, dec_channels, latent_dim):
+        super().__init__()
+        c = enc_channels
+        layers, c_in = [], 4
+        for c_out in (c, c, 2 * c, 2 * c):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU()]
+            c_in = c_out
+        side = resolution
+        for _ in range(4):
+            side = (side + 1) // 2  # conv 3x3 stride 2 pad 1: ceil(side / 2)
+        self.encoder = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * side * side, enc_hidden), nn.ReLU(),
+                                     nn.Linear(enc_hidden, 2 * latent_dim))
+        layers, c_in = [], latent_dim + 2
+        for _ in range(4):  # unpadded: (H+8) -> H after four 3x3 convs
+            layers += [nn.Conv2d(c_in, dec_channels, 3), nn.ReLU()]
+            c_in = dec_channels
+        self.decoder = nn.Sequential(*layers, nn.Conv2d(dec_channels, 4, 1))
+        self.register_buffer("coords", coordinate_grid(resolution + 8, resolution + 8), persistent=False)
+
+    def forward(self, x, log_masks):
+        """x (B, 3, H, W), log_masks (B, K, H, W): all K components in one batched call."""
+        b, k, h, w = log_masks.shape
+        inp = torch.cat([repeat(x, "b c h w -> (b k) c h w", k=k),
+                         rearrange(log_masks, "b k h w -> (b k) 1 h w")], dim=1)  # (B*K, 4, H, W)
+        mu, logvar = self.encoder(inp).chunk(2, dim=-1)  # (B*K, L) each
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu) if self.training else mu
+        grid = repeat(z, "n l -> n l h w", h=h + 8, w=w + 8)  # (B*K, L, H+8, W+8)
+        coords = self.coords.to(grid.dtype).expand(grid.shape[0], -1, -1, -1)  # (B*K, 2, H+8, W+8)
+        out = self.decoder(torch.cat([grid, coords], dim=1))  # (B*K, 4, H, W)
+        out = rearrange(out, "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
+        return (out[:, :, :3], out[:, :, 3],  # means (B, K, 3, H, W), mask logits (B, K, H, W)
+                rearrange(mu, "(b k) l -> b k l", b=b), rearrange(logvar, "(b k) l -> b k l", b=b))
+
+
+class MONet(nn.Module):
+    """Recurrent attention -> K attention masks -> component VAE per slot (Sec. 2 of 1901.11390)."""
+
+    def __init__(self, resolution=64, num_slots=7, unet_channels=64, unet_blocks=None, mlp_hidden=128,
+                 enc_channels=32, enc_hidden=256, dec_channels=32, latent_dim=16):
+        super().__init__()
+        self.num_slots = num_slots
+        blocks = unet_blocks or unet_blocks_for(resolution)
+        self.attention = AttentionNet(resolution, unet_channels, blocks, mlp_hidden)
+        self.vae = ComponentVAE(resolution, enc_channels, enc_hidden, dec_channels, latent_dim)
+
+    def attend(self, x):
+        """Stick-breaking in log space (Sec. 2 of 1901.11390).
+        Returns log m (B, K, H, W) and the attention logits a (B, K-1, H, W)."""
+        log_scope = torch.zeros_like(x[:, :1])  # log s_0 = log 1, (B, 1, H, W)
+        log_masks, logits = [], []
+        for _ in range(self.num_slots - 1):  # sequential: step k needs the scope left by step k-1
+            a = self.attention(x, log_scope)  # (B, 1, H, W)
+            log_masks.append(log_scope + F.logsigmoid(a))  # log m_k = log s_{k-1} + log alpha_k
+            log_scope = log_scope + F.logsigmoid(-a)  # log s_k = log s_{k-1} + log(1 - alpha_k)
+            logits.append(a)
+        log_masks.append(log_scope)  # the last slot takes the remaining scope
+        att_logits = torch.cat(logits, dim=1) if logits else x.new_zeros(x.shape[0], 0, *x.shape[2:])
+        return torch.cat(log_masks, dim=1), att_logits  # (B, K, H, W), (B, K-1, H, W)
+
+    def forward(self, image):
+        """image (B, 3, H, W) in [0, 1]."""
+        log_masks, att_logits = self.attend(image)
+        means, mask_logits, mu, logvar = self.vae(image, log_masks)
+        masks = log_masks.exp()  # (B, K, H, W), sums to 1 over K
+        recon = (masks.unsqueeze(2) * means).sum(dim=1)  # (B, 3, H, W) = sum_k m_k mu_k
+        return dict(recon=recon, means=means, masks=masks, log_masks=log_masks, mask_logits=mask_logits,
+                    att_logits=att_logits, mu=mu, logvar=logvar)
+
+
+def build_model(args):
+    return MONet(args.resolution, args.num_slots, args.unet_channels, args.unet_blocks, args.mlp_hidden,
+                 args.enc_channels, args.enc_hidden, args.dec_channels, args.latent_dim)
+
+
+# --- Objective
+
+
+def slot_sigmas(num_slots, args, device=None):
+    """Likelihood std per slot: sigma_bg for the background slot 0, sigma_fg for the others. (K,)"""
+    sigma = torch.full((num_slots,), args.sigma_fg, device=device)
+    sigma[0] = args.sigma_bg
+    return sigma
+
+
+def compute_loss(out, image, args):
+    """Named loss terms and their total (eq. 3 of 1901.11390; 2310.03273), each averaged over the batch.
+
+    nll:     -sum_pix log sum_k m_k N(x; mu_k, sigma_k^2)
+    ir:       sum_pix sum_k m_k ||x - mu_k||^2 / (2 sigma_k^2)       (our form; see the docstring)
+    kl:       sum_k sum_d KL(N(mu_kd, var_kd) || N(0, 1))             only when beta > 0
+    mask_kl:  sum_k sum_pix m_k (log m_k - log softmax_k(l)_k)        only when gamma > 0
+    loss = (nll | ir) + beta * kl + gamma * mask_kl
+    """
+    means, log_masks = out["means"].float(), out["log_masks"].float()
+    sigma = slot_sigmas(means.shape[1], args, means.device)
+    if args.loss == "nll":
+        terms = {"nll": losses.mixture_nll(image, means, log_masks, sigma).mean()}
+    else:
+        terms = {"ir": losses.ir_loss(image, means, log_masks, sigma).mean()}
+    total = terms[args.loss]
+    if args.beta > 0:  # beta = 0: the term is not built at all, so it has neither value nor gradient
+        terms["kl"] = losses.kl_diag_gaussian(out["mu"].float(), out["logvar"].float()).sum(dim=(1, 2)).mean()
+        total = total + args.beta * terms["kl"]
+    if args.gamma > 0:
+        terms["mask_kl"] = losses.mask_kl(log_masks, out["mask_logits"].float()).mean()
+        total = total + args.gamma * terms["mask_kl"]
+    terms["loss"] = total
+    return terms
+
+
+def mask_diagnostics(masks):
+    """Per-image binarisation diagnostics of masks (B, K, H, W) summing to 1 over K (2310.03273):
+    mean per-pixel entropy -sum_k m_k log m_k (nats; 0 for one-hot masks, log K for uniform ones) and
+    the fraction of pixels whose largest mask value exceeds BINARY_THRESHOLD. Returns two (B,) tensors."""
+    entropy = -(masks * masks.clamp_min(1e-8).log()).sum(dim=1).flatten(1).mean(dim=1)  # (B,)
+    binary = (masks.amax(dim=1) > BINARY_THRESHOLD).flatten(1).float().mean(dim=1)  # (B,)
+    return entropy, binary
+
+
+# --- Training
+
+
+def lr_at(step, args):
+    """Constant learning rate (the paper) after an optional linear warm-up."""
+    return args.lr * (min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
+
+def pick_device(name, local_rank):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise data.DataError("--device cuda asked for, but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise data.DataError("--device mps asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def load_checkpoint(path):
+    """Weights-only load: a file that needs arbitrary unpickling is refused, never executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.DataError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for hostile files, RuntimeError for corrupt ones
+        raise data.DataError(f"{path}: not a weights-only checkpoint ({type(e).__name__}); refusing to load it")
+
+
+def save_checkpoint(path, model, opt, scaler, step, args):
+    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                 step=step, args=vars(args), rng_torch=torch.get_rng_state(),
+                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def autocast(device, dtype):
+    dt = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return torch.autocast(device.type, dtype=dt, enabled=dt is not None)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args, device, split_seed=1234):
+    """Metrics on the first `eval_size` images of `dataset`: segmentation of the attention masks (and dec_*
+    of the decoded masks), binarisation diagnostics of both, and the objective's terms whatever --loss,
+    --beta, --gamma are, so that ablated runs compare. RNG is forked so evaluation never changes training."""
+    model.eval()
+    n = min(args.eval_size, len(dataset))
+    loader = data.make_loader(torch.utils.data.Subset(dataset, range(n)), args.batch_size, shuffle=False)
+    per_image, first = {}, None
+
+    def add(name, values):
+        per_image.setdefault(name, []).append(values.double().cpu())
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(split_seed)
+        for batch in loader:
+            image = batch["image"].to(device)
+            with autocast(device, args.dtype):
+                out = model(image)
+            att, log_att = out["masks"].float(), out["log_masks"].float()  # (B, K, H, W)
+            dec = out["mask_logits"].float().softmax(dim=1)  # decoded masks (B, K, H, W)
+            means = out["means"].float()
+            for prefix, masks in (("att", att), ("dec", dec)):
+                entropy, binary = mask_diagnostics(masks)
+                add(f"{prefix}_entropy", entropy)
+                add(f"{prefix}_binary", binary)
+            add("nll", losses.mixture_nll(image, means, log_att, slot_sigmas(means.shape[1], args, device)))
+            add("kl", losses.kl_diag_gaussian(out["mu"].float(), out["logvar"].float()).sum(dim=(1, 2)))
+            add("mask_kl", losses.mask_kl(log_att, out["mask_logits"].float()))
+            add("mse", ((out["recon"].float() - image) ** 2).mean(dim=(1, 2, 3)))
+            if first is None:
+                first = (image, out)
+            if dataset_has_masks(dataset):
+                nb = base(dataset).num_background
+                for prefix, masks in (("", att), ("dec_", dec)):
+                    for k, v in metrics.segmentation_metrics(batch["mask"], masks.cpu(), nb).items():
+                        per_image.setdefault(prefix + k, []).append(v)
+    model.train()
+    return metrics.average_metrics({k: torch.cat(v) for k, v in per_image.items()}), first
+
+
+def base(dataset):
+    """The dataset under a Subset (for its attributes)."""
+    return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+
+
+def dataset_has_masks(dataset):
+    return getattr(base(dataset), "has_masks", True)
+
+
+def write_samples(path, image, out):
+    """Input | reconstruction sum_k m_k mu_k | argmax of the attention masks | argmax of the decoded masks |
+    each slot's mean mu_k under its attention mask."""
+    data.save_grid(path, image.cpu(), out["recon"].float().clamp(0, 1).cpu(), out["masks"].float().cpu(),
+                   out["means"].float().clamp(0, 1).cpu(), extra_masks=[out["mask_logits"].float().softmax(1).cpu()])
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # resident set of the process, MiB
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        _main(args)
+    except (data.DataError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _main(args):
+    # Distributed: torchrun sets WORLD_SIZE / RANK / LOCAL_RANK.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(args.device, local_rank)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+
+    ckpt = None
+    if args.resume or args.eval_only:
+        ckpt = load_checkpoint(args.resume or args.eval_only)
+        for k in ARCH_KEYS:  # the network is the checkpoint's, whatever the flags say
+            setattr(args, k, ckpt["args"][k])
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)  # latent noise differs across ranks, as in a bigger batch
+
+    test_ds = data.make_dataset(args.data, "test", args.resolution)
+
+    if args.resume or args.eval_only:
+        run_dir = Path(args.resume or args.eval_only).parent
+    else:
+        name = args.run_name or (f"monet-{Path(args.data).stem}-{args.loss}-b{args.beta:g}-g{args.gamma:g}"
+                                 f"-seed{args.seed}")
+        run_dir = Path(args.out_dir) / name
+        if is_main and (run_dir / "checkpoint.pt").exists():
+            raise data.DataError(f"{run_dir} already holds a run; pass --resume {run_dir}/checkpoint.pt "
+                                 f"or another --run-name")
+
+    model = build_model(args).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    n_params = sum(p.numel() for p in model.parameters())
+
+    if args.eval_only:
+        if is_main:
+            result, (image, out) = evaluate(model, test_ds, args, device)
+            result["step"] = ckpt["step"]
+            (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+            print(json.dumps(result))
+        return
+
+    data_opts = {"size": args.train_size} if args.train_size and args.data in data.BUILTIN else {}
+    train_ds = data.make_dataset(args.data, "train", args.resolution, **data_opts)
+    if args.train_size and args.data not in data.BUILTIN:
+        train_ds = torch.utils.data.Subset(train_ds, range(min(args.train_size, len(train_ds))))
+    eval_ds = data.make_dataset(args.data, "val", args.resolution)
+
+    opt = torch.optim.RMSprop(model.parameters(), lr=args.lr)  # the paper: RMSprop, lr 1e-4
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    step = 0
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_torch"])
+        if ckpt["rng_cuda"] and device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    plain = model  # checkpoints hold the plain module's weights
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        print(f"device {device} | {n_params / 1e6:.2f}M parameters | run folder {run_dir}")
+    log = open(run_dir / "metrics.jsonl", "a") if is_main else None
+
+    def write(record):
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    loader = data.make_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers,
+                              distributed=world > 1, start_step=step)
+    batches = iter(loader)
+    bar = tqdm(total=args.steps, initial=step, disable=not is_main, dynamic_ncols=True)
+    sums, n_sum, t0, fg_ari = {}, 0, time.time(), float("nan")
+    bad_step = torch.zeros((), dtype=torch.long, device=device)
+    bad_terms = None  # which terms were non-finite at bad_step, (T,) bool in the order of `terms`
+    model.train()
+    while step < args.steps:
+        image = next(batches)["image"].to(device, non_blocking=True)
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast(device, args.dtype):
+            out = model(image)
+        terms = compute_loss(out, image, args)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(terms["loss"]).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        for k, v in terms.items():  # summed on the device: no host sync inside the step
+            sums[k] = sums.get(k, 0.0) + v.detach()
+        n_sum += 1
+        # first step with a non-finite term, and which terms, tracked on the device (0: none yet). The
+        # window means cannot tell: after one NaN step the weights are NaN and every term follows.
+        nonfinite = ~torch.isfinite(torch.stack([v.detach().float() for v in terms.values()]))  # (T,)
+        first = (bad_step == 0) & nonfinite.any()
+        bad_terms = nonfinite if bad_terms is None else torch.where(first, nonfinite, bad_terms)
+        bad_step = torch.where(first, step, bad_step)
+
+        last = step == args.steps
+        if step % args.log_every == 0 or step % args.save_every == 0 or last:
+            means = {k: (v / n_sum).item() for k, v in sums.items()}
+            if bad_step.item():  # stop before a checkpoint could store the broken weights
+                term = next(k for k, bad in zip(terms, bad_terms.tolist()) if bad)
+                raise FloatingPointError(f"non-finite loss term {term!r} at step {bad_step.item()}; stopped, "
+                                         f"last good checkpoint kept in {run_dir}")
+            if is_main and (step % args.log_every == 0 or last):
+                dt = time.time() - t0
+                write({"step": step, "split": "train", **means, "lr": lr,
+                       "images_per_s": n_sum * args.batch_size * world / dt, "peak_mem_mb": peak_memory_mb(device)})
+                bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{n_sum * args.batch_size * world / dt:.0f}",
+                                fg_ari=f"{fg_ari:.3f}")
+                sums, n_sum, t0 = {}, 0, time.time()
+        if is_main and ((args.eval_every and step % args.eval_every == 0) or last):
+            t_eval = time.time()
+            result, (image_s, out_s) = evaluate(plain, test_ds if last else eval_ds, args, device)
+            fg_ari = result.get("fg_ari", float("nan"))
+            write({"step": step, "split": "eval", **result})
+            write_samples(run_dir / "samples" / f"step_{step:07d}.png", image_s, out_s)
+            if last:
+                (run_dir / "eval.json").write_text(json.dumps({"step": step, **result}, indent=2))
+            t0 += time.time() - t_eval  # evaluation time does not count against images/s
+        if is_main and (step % args.save_every == 0 or last):
+            save_checkpoint(run_dir / "checkpoint.pt", plain, opt, scaler, step, args)
+        bar.update(1)
+    bar.close()
+    if log:
+        log.close()
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
