@@ -82,7 +82,7 @@ PRESETS = {
                   eval_every=5_000, eval_size=320, save_every=5_000),
     "tiny": dict(batch_size=16, steps=2_000, lr=1e-3, warmup_steps=0, decay_steps=1_000_000, grad_clip=5.0,
                  resolution=32, latent_dim=16, dec_channels=16, dec_kernel=3, ref_channels=16, ref_kernel=3,
-                 ref_layers=3, ref_mlp=[64], lstm_hidden=64, log_every=50, eval_every=500, eval_size=64,
+                 ref_layers=3, ref_mlp=[64], log_every=50, eval_every=500, eval_size=64,
                  save_every=500),
 }
 # Per-data defaults (arXiv 1903.00450 App. B and the official configurations): K, latent size,
