@@ -25,6 +25,15 @@ CLI = TINY + ["--log-every", "2", "--eval-every", "3", "--save-every", "3", "--e
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than two fighting over a shared CPU; restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def model_and_args(*extra):
     args = io.parse_args(TINY + list(extra))
     torch.manual_seed(0)
@@ -212,8 +221,8 @@ def test_cli_writes_run_files(tmp_path):
     assert ckpt["step"] == 6 and not any(k.startswith("refine.lstm") for k in ckpt["model"])
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     assert json.loads((run / "eval.json").read_text())["step"] == 6
-    r = run_cli(tmp_path, "--eval-only", str(run / "checkpoint.pt"))
-    assert r.returncode == 0 and json.loads((run / "eval.json").read_text())["fg_ari"] == evals[-1]["fg_ari"]
+    io.main(CLI + ["--eval-only", str(run / "checkpoint.pt")])  # in-process: no second interpreter start
+    assert json.loads((run / "eval.json").read_text())["fg_ari"] == evals[-1]["fg_ari"]
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -253,8 +262,6 @@ def test_hostile_checkpoint_is_refused(tmp_path):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--num-slots", "1"], "--num-slots must be at least 2"),
-    (["--dec-kernel", "4"], "must be odd"),
-    (["--sigma", "0"], "--sigma must be positive"),
     (["--data", "/no/such/dataset.h5"], "no such file"),
     (["--resume", "/no/such/checkpoint.pt"], "checkpoint not found"),
 ])
@@ -263,6 +270,15 @@ def test_bad_input_is_one_line_error(tmp_path, extra, needle):
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("extra,needle", [(["--dec-kernel", "4"], "must be odd"),
+                                          (["--sigma", "0"], "--sigma must be positive"),
+                                          (["--ref-mlp", "16", "0"], "widths must be positive")])
+def test_impossible_flags_are_refused(extra, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        io.parse_args(TINY + extra)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -300,8 +316,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
-    r = run_cli(tmp_path, "--dtype", "bf16", "--steps", "3", "--run-name", "r")
-    assert r.returncode == 0, r.stderr
+    io.main(CLI + ["--out-dir", str(tmp_path), "--dtype", "bf16", "--steps", "3", "--run-name", "r"])
     assert json.loads((tmp_path / "r" / "eval.json").read_text())["step"] == 3
 
 
