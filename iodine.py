@@ -352,8 +352,8 @@ class IODINE(nn.Module):
         lam = repeat(self.lambda0, "p -> b k p", b=b, k=self.num_slots)  # (B, K, 2Z)
         state, nll, kl, iter_masks, inputs = None, [], [], [], []
         for t in range(t_max + 1):
-            with torch.enable_grad():
-                if not training_graph:
+            with torch.set_grad_enabled(training_graph or t < t_max):  # eval: the last decode needs no graph
+                if not training_graph and t < t_max:
                     lam = lam.detach().requires_grad_()
                 dec = self.decode(image, lam, noise[t])
                 if t < t_max:  # dL/d(means, mask logits, lambda) of this step's loss, first order only
