@@ -586,8 +586,6 @@ class FeatureCache(torch.utils.data.Dataset):
 
     def __init__(self, base, file, with_images):
         self.base, self.file, self.with_images, self._array = base, file, with_images, None
-        self.num_background = getattr(base, "num_background", 1)
-        self.has_masks = getattr(base, "has_masks", True)
 
     def __len__(self):
         return len(self.base)
@@ -830,7 +828,10 @@ def _main(args):
     def features(dataset, split, with_images):
         if not args.cache_features:
             return dataset
-        return cached_features(encoder, dataset, split, args, device, encoder_sha, with_images, is_main, world)
+        if split != "train":  # rank 0 alone evaluates, on the first eval_size images only
+            dataset = torch.utils.data.Subset(dataset, range(min(args.eval_size, len(dataset))))
+        return cached_features(encoder, dataset, split, args, device, encoder_sha, with_images, is_main,
+                               world if split == "train" else 1)
 
     if args.eval_only:
         test_ds = features(test_ds, "test", True) if is_main else test_ds
