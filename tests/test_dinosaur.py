@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import dinosaur as dn  # noqa: E402
+import metrics  # noqa: E402
 
 # A model small enough that a CPU step takes milliseconds: vit_tiny (patch 4, 64-d, 2 blocks) at 16 px = 16 patches.
 TINY = ["--preset", "tiny", "--resolution", "16", "--num-slots", "3", "--slot-dim", "16", "--dec-hidden", "32",
@@ -382,7 +383,6 @@ def test_block_baseline(tmp_path):
     assert ev["baseline"] == "blocks" and 0 <= ev["mbo"] <= 1 and "mse" not in ev
     ds = data.make_dataset("shapes-binary", "test", 16)
     batch = ds.__getitems__(list(range(16)))
-    import metrics
     m = metrics.segmentation_metrics(batch["mask"], dn.block_masks(3, 16, 16).expand(16, -1, -1, -1), 1)
     assert ev["fg_ari"] == pytest.approx(metrics.average_metrics(m)["fg_ari"])
     assert (tmp_path / "b" / "samples" / "blocks.png").is_file()
