@@ -376,6 +376,38 @@ def test_cached_run_equals_uncached_and_eval_only(tmp_path):
     assert again["step"] == 4 and again["fg_ari"] == pytest.approx(ev["fg_ari"])
 
 
+def write_tiny_coco(root, n_train=8, n_val=4):
+    """A COCO 2017 folder: 24 x 32 images, each with one bright rectangle (a polygon) and a crowd strip (an RLE)."""
+    from PIL import Image
+    (root / "annotations").mkdir(parents=True)
+    for part, n in (("train2017", n_train), ("val2017", n_val)):
+        (root / part).mkdir()
+        images, anns = [], []
+        for i in range(n):
+            x0, y0 = 2 + 3 * (i % 5), 2 + 2 * (i % 4)
+            pixels = torch.full((24, 32, 3), 40, dtype=torch.uint8)
+            pixels[y0:y0 + 8, x0:x0 + 10] = torch.tensor([200, 60 + 20 * i, 90], dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / part / f"{i}.jpg")
+            images.append(dict(id=i, file_name=f"{i}.jpg", height=24, width=32))
+            anns.append(dict(image_id=i, iscrowd=0, segmentation=[[x0, y0, x0 + 9, y0, x0 + 9, y0 + 7, x0, y0 + 7]]))
+            anns.append(dict(image_id=i, iscrowd=1, segmentation=dict(counts=[23, 1] * 32, size=[24, 32])))
+        (root / "annotations" / f"instances_{part}.json").write_text(
+            json.dumps(dict(images=images, annotations=anns, categories=[dict(id=1, name="thing")])))
+
+
+def test_coco_folder_with_flips_and_cache(tmp_path, capsys):
+    write_tiny_coco(tmp_path / "coco")
+    code, err = run_main(tmp_path, capsys, "--data", str(tmp_path / "coco"), "--steps", "2", "--eval-size", "4",
+                         "--run-name", "c", "--cache-features", str(tmp_path / "cache"), "--eval-every", "0")
+    assert code == 0, err
+    args = json.loads((tmp_path / "c" / "args.json").read_text())
+    assert args["hflip"] is True and args["num_slots"] == 3  # COCO flips by default; the flag wins over K=7
+    manifest = json.loads((tmp_path / "cache" / "coco-train-16px-vit_tiny" / "manifest.json").read_text())
+    assert manifest["hflip"] is True and manifest["count"] == 8
+    ev = json.loads((tmp_path / "c" / "eval.json").read_text())
+    assert ev["step"] == 2 and 0 <= ev["mbo"] <= 1 and -1 <= ev["fg_ari"] <= 1 and ev["fg_ari_skipped"] == 0
+
+
 def test_block_baseline(tmp_path):
     r = run_cli(tmp_path, "--baseline", "blocks", "--run-name", "b", "--eval-size", "16")
     assert r.returncode == 0, r.stderr
