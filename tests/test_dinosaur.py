@@ -357,11 +357,11 @@ def test_cli_writes_run_files(tmp_path, target, loss):
     assert json.loads((run / "eval.json").read_text())["step"] == 6
 
 
-def test_cached_run_equals_uncached_and_eval_only(tmp_path):
+def test_cached_run_equals_uncached_and_eval_only(tmp_path, capsys):
     common = ["--eval-every", "0", "--log-every", "1", "--steps", "4", "--train-size", "16", "--hflip"]
-    assert run_cli(tmp_path, *common, "--run-name", "plain").returncode == 0
-    r = run_cli(tmp_path, *common, "--run-name", "cached", "--cache-features", str(tmp_path / "cache"))
-    assert r.returncode == 0, r.stderr
+    assert run_main(tmp_path, capsys, *common, "--run-name", "plain")[0] == 0
+    code, err = run_main(tmp_path, capsys, *common, "--run-name", "cached", "--cache-features", str(tmp_path / "cache"))
+    assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         "shapes-binary-test-16px-vit_tiny", "shapes-binary-train-16px-vit_tiny", "shapes-binary-val-16px-vit_tiny"]
     loss = lambda run: [l["loss"] for l in map(json.loads, (tmp_path / run / "metrics.jsonl").open())  # noqa: E731
@@ -369,9 +369,9 @@ def test_cached_run_equals_uncached_and_eval_only(tmp_path):
     assert loss("cached") == pytest.approx(loss("plain"), rel=1e-2)  # only float16 storage differs
     ev = json.loads((tmp_path / "cached" / "eval.json").read_text())
     (tmp_path / "cached" / "eval.json").unlink()
-    r = run_cli(tmp_path, "--eval-only", str(tmp_path / "cached" / "checkpoint.pt"), "--cache-features",
-                str(tmp_path / "cache"))
-    assert r.returncode == 0, r.stderr
+    code, err = run_main(tmp_path, capsys, "--eval-only", str(tmp_path / "cached" / "checkpoint.pt"),
+                         "--cache-features", str(tmp_path / "cache"))
+    assert code == 0 and "building" not in err, err  # the test split's cache is reused
     again = json.loads((tmp_path / "cached" / "eval.json").read_text())
     assert again["step"] == 4 and again["fg_ari"] == pytest.approx(ev["fg_ari"])
 
