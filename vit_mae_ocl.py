@@ -590,6 +590,7 @@ def _main(args):
     bar = tqdm(total=args.steps, initial=step, disable=not is_main, dynamic_ncols=True)
     sums, n_sum, t0, fg_ari = {}, 0, time.time(), float("nan")
     bad_step = torch.zeros((), dtype=torch.long, device=device)
+    bad_terms = None  # which terms were non-finite at bad_step (the cause, not the NaNs that follow it)
     model.train()
     while step < args.steps:
         image = next(batches)["image"].to(device, non_blocking=True)
@@ -612,13 +613,16 @@ def _main(args):
             sums[k] = sums.get(k, 0.0) + v.detach()
         n_sum += 1
         # first step with a non-finite loss, tracked on the device (0: none yet)
-        bad_step = torch.where(torch.isfinite(terms["loss"].detach()) | (bad_step > 0), bad_step, step)
+        finite = torch.stack([torch.isfinite(v.detach()) for v in terms.values()])  # (T,)
+        first_bad = (bad_step == 0) & ~finite.all()
+        bad_terms = torch.where(first_bad, ~finite, ~finite if bad_terms is None else bad_terms)
+        bad_step = torch.where(first_bad, step, bad_step)
 
         last = step == args.steps
         if step % args.log_every == 0 or step % args.save_every == 0 or last:
             means = {k: (v / n_sum).item() for k, v in sums.items()}
             if bad_step.item():  # stop before a checkpoint could store the broken weights
-                term = next(k for k, v in means.items() if not math.isfinite(v))
+                term = next(k for k, bad in zip(terms, bad_terms.tolist()) if bad)  # "loss" is last
                 raise FloatingPointError(f"non-finite loss term {term!r} at step {bad_step.item()}; stopped, "
                                          f"last good checkpoint kept in {run_dir}")
             if is_main and (step % args.log_every == 0 or last):
