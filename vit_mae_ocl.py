@@ -524,7 +524,7 @@ def _main(args):
             setattr(args, k, ckpt["args"][k])
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)  # slot noise differs across ranks, as in a bigger batch
+    torch.manual_seed(args.seed + rank)  # masks and token noise differ across ranks, as in a bigger batch
 
     test_ds = data.make_dataset(args.data, "test", args.resolution)
 
