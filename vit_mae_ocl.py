@@ -1,0 +1,656 @@
+"""Object-centric masked-autoencoder ViT: K class tokens in a transformer-only autoencoder.
+
+Paper
+  Vikstrom & Ilin, "Learning Explicit Object-Centric Representations with Vision Transformers",
+  NeurIPS 2022 workshop on Vision Transformers (arXiv 2210.14139).
+
+What is implemented
+  - Patch embedding (conv p x p, stride p), fixed 2-D sin-cos position embedding, MAE random
+    masking: a per-sample shuffle by gather that keeps exactly round(N * (1 - ratio)) patches.
+  - K learned class tokens (init std 0.002, no position embedding) prepended to the visible
+    patches, optional Gaussian noise on them during warm-up (--token-noise); pre-norm ViT encoder
+    (depth 4, MLP ratio 2, F.scaled_dot_product_attention).
+  - Object function (Sec. 3): A = softmax_K(Z C^T / sqrt(D)) over the visible patch tokens Z and
+    class tokens C; slot s_k = sum_i w_ik z_i with w_ik = a_ik / (sum_i a_ik + eps).
+  - Broadcasting module: each slot tiled over the visible patches and concatenated with its log
+    attention, embedded to the decoder width, mask tokens inserted at the masked positions,
+    unshuffled, sin-cos positions added; a ViT decoder (depth 2) runs on all K slots as one batch
+    and outputs p^2 x (3 + 1) per patch; alpha is softmaxed over slots, image = sum_k alpha_k rgb_k.
+  - Objective: MSE on the full image + lambda_pix * pixel entropy (eq. 5) + lambda_obj * object
+    entropy (eq. 6) of the alpha masks (losses.pixel_entropy / losses.object_entropy).
+  - Schedules, all plain functions of the step: lr linear warm-up from --min-lr, half-cycle cosine
+    to --min-lr, constant cool-down; mask ratio held during warm-up, then linear to 0 at the end;
+    entropy weights held at their initial values during warm-up, then linear to their finals.
+  - The paper's ablations as flags: --object-entropy 0, --pixel-entropy 0, both, --mask-ratio 0
+    (scripts/vit_mae_ablation.sh runs them over seeds and writes one markdown table).
+  - Evaluation at mask ratio 0 with ARI, FG-ARI, mIoU, mBO of the decoder alpha masks; the sample
+    grid also shows the bottleneck attention masks A.
+
+Deviations and choices (each one stated so a reader can undo it)
+  - Epochs are expressed in steps. The paper trains 10 warm-up + 290 cosine epochs, then 30
+    constant cool-down epochs. With 60,000 training images (the Multi-dSprites / Tetrominoes
+    splits) and batch 128, an epoch is 469 steps: --warmup-steps 4690, --cooldown-steps 14070,
+    --steps 154770 (330 epochs). The mask ratio and entropy weights reach their final values at
+    --steps (end of training).
+  - A final entropy weight of 0 switches that term off for the whole run (the ablation), the
+    initial weight included.
+  - Images are scaled to [-1, 1] inside the model and the MSE is taken there (as in the Slot
+    Attention file); the paper's pixel normalisation is not stated.
+  - The encoder and decoder end with a LayerNorm and use qkv biases and GELU, as in MAE; AdamW
+    weight decay skips biases, norms, class tokens and the mask token (MAE's parameter groups).
+  - The linear embedding of [slot, log a] is computed as W_s s_k + w_a log a_ik + b, which equals
+    a linear layer on the concatenation without materialising K copies of the slots.
+  - Data sets outside the paper's table (ObjectsRoom, other folders) use the Multi-dSprites sizes.
+  - The mask ratio changes every step after warm-up, so --compile recompiles for new sequence
+    lengths (dynamic shapes); eager mode is the default.
+
+Commands
+  GPU, paper configuration (Multi-dSprites-like data: 64 px, patch 8, K=6, ratio 0.5):
+    python vit_mae_ocl.py --data shapes --device cuda --dtype bf16
+  Tetrominoes (35 px, patch 5, K=4, ratio 0.75) and the CLEVR6 HDF5 file (128 px, patch 16, K=7):
+    python vit_mae_ocl.py --data tetrominoes
+    python vit_mae_ocl.py --data /data/clevr_with_masks.h5
+  The ablations (no object entropy, no pixel entropy, neither, no masking):
+    python vit_mae_ocl.py --object-entropy 0
+    python vit_mae_ocl.py --pixel-entropy 0 --object-entropy 0
+    python vit_mae_ocl.py --mask-ratio 0
+    bash scripts/vit_mae_ablation.sh
+  CPU, tiny preset:
+    python vit_mae_ocl.py --preset tiny
+  Several GPUs (or CPU processes with gloo):
+    torchrun --nproc_per_node=4 vit_mae_ocl.py --data shapes
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from tqdm import tqdm
+
+import data
+import losses
+import metrics
+
+# --- Arguments
+
+# Per-preset defaults; explicit flags override. None in the parser means "from the preset".
+# paper: AdamW 5e-4, wd 0.05, betas (0.9, 0.95), batch 128, 330 epochs of 60k images (see docstring).
+PRESETS = {
+    "paper": dict(batch_size=128, steps=154_770, lr=5e-4, min_lr=1e-5, warmup_steps=4_690,
+                  cooldown_steps=14_070, grad_clip=0.0, enc_depth=4, dec_depth=2, log_every=100,
+                  eval_every=5_000, eval_size=320, save_every=5_000),
+    "tiny": dict(batch_size=16, steps=3_000, lr=5e-4, min_lr=1e-5, warmup_steps=300, cooldown_steps=300,
+                 grad_clip=0.0, enc_depth=4, dec_depth=2, resolution=32, patch_size=4, enc_dim=64,
+                 enc_heads=4, dec_dim=64, dec_heads=4, log_every=50, eval_every=500, eval_size=64,
+                 save_every=500),
+}
+# Per-data defaults (the paper's Table of sizes; see PAPERS.md): resolution, patch, mask ratio, K, widths.
+_SPRITES = dict(resolution=64, patch_size=8, mask_ratio=0.5, num_slots=6, enc_dim=384, enc_heads=8,
+                dec_dim=256, dec_heads=8)
+_CLEVR = dict(resolution=128, patch_size=16, mask_ratio=0.75, num_slots=7, enc_dim=768, enc_heads=16,
+              dec_dim=512, dec_heads=16)
+_TETRIS = dict(resolution=35, patch_size=5, mask_ratio=0.75, num_slots=4, enc_dim=192, enc_heads=4,
+               dec_dim=128, dec_heads=4)
+DATA_DEFAULTS = {
+    "shapes": _SPRITES,
+    "shapes-colored": {**_SPRITES, "num_slots": 5},
+    "shapes-binary": {**_SPRITES, "num_slots": 4},
+    "tetrominoes": _TETRIS,
+    # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px.
+    "clevr": _CLEVR,  # CLEVR6
+    "clevrtex": {**_CLEVR, "num_slots": 11},
+    "objects_room": {**_SPRITES, "num_slots": 7},
+    "dsprites": _SPRITES,
+    "tetromino": _TETRIS,
+    "other": {**_SPRITES, "num_slots": 7},
+}
+# Flags that define the network: --eval-only and --resume take them from the checkpoint.
+ARCH_KEYS = ("resolution", "patch_size", "num_slots", "enc_dim", "enc_depth", "enc_heads", "dec_dim",
+             "dec_depth", "dec_heads", "mlp_ratio", "eps", "data")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Object-centric masked-autoencoder ViT (Vikstrom & Ilin 2022).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=["paper", "tiny"], default="paper",
+      help="paper: the paper's configuration for --data; tiny: a CPU-sized model. Explicit flags override.")
+    a("--data", default="shapes", help="built-in set (%s) or a dataset path" % ", ".join(data.BUILTIN))
+    a("--train-size", type=int, default=None, help="use only the first N training images (None: all)")
+    a("--resolution", type=int, default=None, help="image side in pixels (None: preset/data default)")
+    a("--patch-size", type=int, default=None, help="ViT patch side p in pixels; must divide --resolution")
+    a("--num-slots", type=int, default=None, help="number of class tokens / slots K (None: per data set)")
+    a("--enc-dim", type=int, default=None, help="encoder width D")
+    a("--enc-depth", type=int, default=None, help="encoder transformer blocks")
+    a("--enc-heads", type=int, default=None, help="encoder attention heads")
+    a("--dec-dim", type=int, default=None, help="decoder width")
+    a("--dec-depth", type=int, default=None, help="decoder transformer blocks")
+    a("--dec-heads", type=int, default=None, help="decoder attention heads")
+    a("--mlp-ratio", type=float, default=2.0, help="transformer MLP hidden width / model width")
+    a("--eps", type=float, default=1e-8, help="epsilon in the slot weights a_ik / (sum_i a_ik + eps)")
+    a("--mask-ratio", type=float, default=None,
+      help="fraction of patches hidden from the encoder, held during warm-up then linear to 0 (0: no masking)")
+    a("--token-noise", type=float, default=0.0,
+      help="std of Gaussian noise added to the class tokens during warm-up only (paper's option: 0.1)")
+    a("--pixel-entropy", type=float, default=3e-3, help="final weight of the pixel entropy (eq. 5); 0: off")
+    a("--object-entropy", type=float, default=1e-2, help="final weight of the object entropy (eq. 6); 0: off")
+    a("--pixel-entropy-init", type=float, default=1e-4, help="pixel-entropy weight during warm-up")
+    a("--object-entropy-init", type=float, default=1e-4, help="object-entropy weight during warm-up")
+    a("--batch-size", type=int, default=None, help="images per step (per process under torchrun)")
+    a("--steps", type=int, default=None, help="total optimiser steps, cool-down included")
+    a("--lr", type=float, default=None, help="peak AdamW learning rate")
+    a("--min-lr", type=float, default=None, help="learning rate at the start of warm-up and in the cool-down")
+    a("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up, in steps")
+    a("--cooldown-steps", type=int, default=None, help="final steps at constant --min-lr after the cosine")
+    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, tokens)")
+    a("--grad-clip", type=float, default=None, help="max gradient norm (0: no clipping)")
+    a("--seed", type=int, default=0, help="seeds python, numpy, torch and the data order")
+    a("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu")
+    a("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--workers", type=int, default=0, help="data loader worker processes")
+    a("--out-dir", default="runs", help="parent folder of run folders")
+    a("--run-name", default=None, help="run folder name (default: vit_mae_ocl-DATA-seedN)")
+    a("--log-every", type=int, default=None, help="steps between train log lines")
+    a("--eval-every", type=int, default=None, help="steps between evaluations (0: only at the end)")
+    a("--eval-size", type=int, default=None, help="held-out images per evaluation")
+    a("--save-every", type=int, default=None, help="steps between checkpoints")
+    a("--resume", default=None, help="checkpoint to continue from (its run folder is reused)")
+    a("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint, write eval.json, exit")
+    args = p.parse_args(argv)
+
+    key = args.data if args.data in DATA_DEFAULTS else next(
+        (k for k in ("clevrtex", "clevr", "objects_room", "dsprites", "tetromino") if k in args.data.lower()), "other")
+    for k, v in {**DATA_DEFAULTS[key], **PRESETS[args.preset]}.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    positive = ("resolution", "patch_size", "num_slots", "enc_dim", "enc_depth", "enc_heads", "dec_dim",
+                "dec_depth", "dec_heads", "mlp_ratio", "batch_size", "steps", "log_every", "save_every",
+                "eval_size")
+    for k in positive:
+        if getattr(args, k) <= 0:
+            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    for k in ("warmup_steps", "cooldown_steps", "grad_clip", "eval_every", "workers", "lr", "min_lr",
+              "weight_decay", "token_noise", "pixel_entropy", "object_entropy", "pixel_entropy_init",
+              "object_entropy_init"):
+        if getattr(args, k) < 0:
+            p.error(f"--{k.replace('_', '-')} must be non-negative, got {getattr(args, k)}")
+    if args.resolution % args.patch_size:
+        p.error(f"--resolution {args.resolution} is not divisible by --patch-size {args.patch_size}")
+    for k in ("enc", "dec"):
+        dim, heads = getattr(args, f"{k}_dim"), getattr(args, f"{k}_heads")
+        if dim % heads or dim % 4:
+            p.error(f"--{k}-dim {dim} must be divisible by --{k}-heads {heads} and by 4 (2-D sin-cos positions)")
+    if not 0 <= args.mask_ratio < 1:
+        p.error(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    if num_kept((args.resolution // args.patch_size) ** 2, args.mask_ratio) < 1:
+        p.error(f"--mask-ratio {args.mask_ratio} leaves no visible patch")
+    if args.train_size is not None and args.train_size <= 0:
+        p.error("--train-size must be positive")
+    return args
+
+
+# --- Model
+
+
+def num_kept(n, ratio):
+    """Visible patches out of n at mask ratio `ratio`: round(n * (1 - ratio)), the same for every image."""
+    return int(round(n * (1 - ratio)))
+
+
+def sincos_2d(dim, grid):
+    """Fixed 2-D sin-cos position embedding (MAE): half the channels encode the row, half the column,
+    each as [sin(pos * w_j), cos(pos * w_j)] with w_j = 10000^(-j / (dim/4)). Returns (grid*grid, dim)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    pos = torch.arange(grid, dtype=torch.float64)
+    y, x = torch.meshgrid(pos, pos, indexing="ij")  # (g, g) each
+    def enc(p):
+        ang = p.reshape(-1, 1) * omega  # (g*g, dim/4)
+        return torch.cat([ang.sin(), ang.cos()], dim=1)  # (g*g, dim/2)
+    return torch.cat([enc(y), enc(x)], dim=1).float()  # (g*g, dim)
+
+
+def random_masking(n, ratio, batch, device):
+    """MAE's per-sample random masking. Returns ids_keep (B, n_keep), the visible patch indices in
+    shuffled order, and ids_restore (B, n), with gather(cat(visible, masked), ids_restore) = original order."""
+    noise = torch.rand(batch, n, device=device)  # a fresh permutation per image
+    ids_shuffle = noise.argsort(dim=1)  # (B, n)
+    ids_restore = ids_shuffle.argsort(dim=1)  # (B, n), the inverse permutation
+    return ids_shuffle[:, :num_kept(n, ratio)], ids_restore
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)) (GELU, hidden = ratio * dim)."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        qkv = rearrange(self.qkv(self.norm1(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # fused attention, (B, h, n, d)
+        x = x + self.proj(rearrange(y, "b h n d -> b n (h d)"))  # (B, n, dim)
+        return x + self.mlp(self.norm2(x))
+
+
+class ObjectCentricMAE(nn.Module):
+    """Patches -> mask -> [class tokens, visible patches] -> ViT encoder -> object function (slots)
+    -> broadcast over patches -> ViT decoder per slot -> RGB + alpha per pixel -> alpha compositing."""
+
+    def __init__(self, resolution=64, patch_size=8, num_slots=6, enc_dim=384, enc_depth=4, enc_heads=8,
+                 dec_dim=256, dec_depth=2, dec_heads=8, mlp_ratio=2.0, eps=1e-8):
+        super().__init__()
+        self.p, self.grid, self.num_slots, self.eps = patch_size, resolution // patch_size, num_slots, eps
+        n = self.grid ** 2
+        self.patch_embed = nn.Conv2d(3, enc_dim, patch_size, stride=patch_size)
+        self.register_buffer("enc_pos", sincos_2d(enc_dim, self.grid)[None], persistent=False)  # (1, N, D)
+        self.register_buffer("dec_pos", sincos_2d(dec_dim, self.grid)[None], persistent=False)  # (1, N, Dd)
+        self.class_tokens = nn.Parameter(torch.randn(1, num_slots, enc_dim) * 0.002)  # no position embedding
+        self.encoder = nn.ModuleList([Block(enc_dim, enc_heads, mlp_ratio) for _ in range(enc_depth)])
+        self.enc_norm = nn.LayerNorm(enc_dim, eps=1e-6)
+        # Linear([s_k, log a_ik]) = slot_embed(s_k) + log a_ik * log_attn_embed (see docstring).
+        self.slot_embed = nn.Linear(enc_dim, dec_dim)
+        self.log_attn_embed = nn.Parameter(torch.empty(dec_dim))
+        self.mask_token = nn.Parameter(torch.randn(1, 1, dec_dim) * 0.02)
+        self.decoder = nn.ModuleList([Block(dec_dim, dec_heads, mlp_ratio) for _ in range(dec_depth)])
+        self.dec_norm = nn.LayerNorm(dec_dim, eps=1e-6)
+        self.head = nn.Linear(dec_dim, patch_size ** 2 * 4)  # p^2 x (RGB + alpha logit)
+        self.num_patches = n
+        self._init_weights()
+
+    def _init_weights(self):
+        # MAE: Xavier-uniform linear layers (and the patch projection seen as one), zero biases.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        # the column of the [slot, log a] embedding that multiplies log a
+        nn.init.uniform_(self.log_attn_embed, -1 / math.sqrt(self.slot_embed.in_features + 1),
+                         1 / math.sqrt(self.slot_embed.in_features + 1))
+
+    def forward(self, image, mask_ratio=0.0, token_noise=0.0):
+        """image (B, 3, H, W) in [0, 1]; mask_ratio: fraction of patches hidden from the encoder;
+        token_noise: std of Gaussian noise on the class tokens (the training loop passes it in warm-up)."""
+        b, k, n = image.shape[0], self.num_slots, self.num_patches
+        x = rearrange(self.patch_embed(image * 2 - 1), "b d h w -> b (h w) d") + self.enc_pos  # (B, N, D)
+        ids_keep, ids_restore = random_masking(n, mask_ratio, b, image.device)  # (B, Nv), (B, N)
+        x = x.gather(1, repeat(ids_keep, "b v -> b v d", d=x.shape[-1]))  # (B, Nv, D) visible patches
+        tokens = self.class_tokens.expand(b, -1, -1)  # (B, K, D)
+        if token_noise > 0:
+            tokens = tokens + token_noise * torch.randn_like(tokens)
+        x = torch.cat([tokens, x], dim=1)  # (B, K + Nv, D)
+        for blk in self.encoder:
+            x = blk(x)
+        x = self.enc_norm(x)
+        c, z = x[:, :k], x[:, k:]  # class tokens (B, K, D), patch tokens (B, Nv, D)
+
+        # Object function (Sec. 3.1): A = softmax_K(Z C^T / sqrt(D)), slots = normalised weighted means.
+        logits = torch.einsum("bvd,bkd->bvk", z, c) / math.sqrt(z.shape[-1])  # (B, Nv, K)
+        attn = logits.float().softmax(dim=-1)  # each patch is shared out among the K slots
+        log_attn = logits.float().log_softmax(dim=-1)  # exact log a, no log(0)
+        weights = attn / (attn.sum(dim=1, keepdim=True) + self.eps)  # (B, Nv, K), w_ik
+        slots = torch.einsum("bvk,bvd->bkd", weights.to(z.dtype), z)  # (B, K, D)
+
+        # Broadcasting module (Sec. 3.2): embed [s_k, log a_ik] per visible patch, insert mask tokens.
+        emb = self.slot_embed(slots)[:, :, None] + rearrange(log_attn, "b v k -> b k v 1") * self.log_attn_embed
+        emb = rearrange(emb, "b k v d -> (b k) v d")  # (B*K, Nv, Dd): all slots decode as one batch
+        masked = self.mask_token.to(emb.dtype).expand(b * k, n - emb.shape[1], -1)  # (B*K, N - Nv, Dd)
+        y = torch.cat([emb, masked], dim=1)  # (B*K, N, Dd) in shuffled order
+        restore = repeat(ids_restore, "b n -> (b k) n d", k=k, d=y.shape[-1])  # same permutation for all slots
+        y = y.gather(1, restore) + self.dec_pos  # (B*K, N, Dd) in raster order
+        for blk in self.decoder:
+            y = blk(y)
+        y = self.head(self.dec_norm(y))  # (B*K, N, p*p*4)
+        y = rearrange(y, "(b k) (h w) (p q c) -> b k c (h p) (w q)", b=b, h=self.grid, p=self.p, q=self.p)
+        rgb, masks = y[:, :, :3], y[:, :, 3].float().softmax(dim=1)  # (B, K, 3, H, W), (B, K, H, W)
+        recon = (masks.unsqueeze(2) * rgb).sum(dim=1)  # (B, 3, H, W), in [-1, 1]
+        return dict(recon=recon, rgb=rgb, masks=masks, slots=slots, attn=attn, ids_keep=ids_keep,
+                    ids_restore=ids_restore)
+
+
+def build_model(args):
+    return ObjectCentricMAE(args.resolution, args.patch_size, args.num_slots, args.enc_dim, args.enc_depth,
+                            args.enc_heads, args.dec_dim, args.dec_depth, args.dec_heads, args.mlp_ratio, args.eps)
+
+
+def attention_masks(out, grid, patch):
+    """Bottleneck attention A (B, Nv, K) scattered back to raster order and upsampled to pixels:
+    (B, K, H, W); masked patches get 0 (at ratio 0 every patch is visible)."""
+    attn, ids = out["attn"], out["ids_keep"]
+    full = attn.new_zeros(attn.shape[0], grid * grid, attn.shape[2])  # (B, N, K)
+    full.scatter_(1, repeat(ids, "b v -> b v k", k=attn.shape[2]), attn)
+    full = rearrange(full, "b (h w) k -> b k h w", h=grid)  # (B, K, g, g)
+    return full.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)  # (B, K, H, W)
+
+
+# --- Objective
+
+
+def ramp(step, args, initial, final):
+    """Held at `initial` during warm-up, then linear to `final`, reached at the last step (steps - 1)."""
+    if step < args.warmup_steps:
+        return initial
+    span = max(1, args.steps - 1 - args.warmup_steps)
+    return initial + (final - initial) * min(1.0, (step - args.warmup_steps) / span)
+
+
+def mask_ratio_at(step, args):
+    """Mask ratio: --mask-ratio during warm-up, then linearly to 0 at the end of training."""
+    return ramp(step, args, args.mask_ratio, 0.0)
+
+
+def entropy_weights_at(step, args):
+    """(lambda_pix, lambda_obj): initial weights during warm-up, then linear to the finals.
+    A final weight of 0 is the ablation: the term is off from step 0."""
+    pix = ramp(step, args, args.pixel_entropy_init, args.pixel_entropy) if args.pixel_entropy else 0.0
+    obj = ramp(step, args, args.object_entropy_init, args.object_entropy) if args.object_entropy else 0.0
+    return pix, obj
+
+
+def compute_loss(out, image, args, step):
+    """Named loss terms and their total (Sec. 3.3, eqs. 4-6):
+
+    loss = ||x - x_hat||^2 + lambda_pix(step) * H_pix(alpha) + lambda_obj(step) * H_obj(alpha)
+
+    with H_pix the mean per-pixel entropy of the alpha masks over slots and H_obj the entropy of
+    the per-slot mean mask.
+    """
+    masks = out["masks"].float()
+    terms = {"mse": F.mse_loss(out["recon"].float(), image * 2 - 1),
+             "pixel_entropy": losses.pixel_entropy(masks),
+             "object_entropy": losses.object_entropy(masks)}
+    w_pix, w_obj = entropy_weights_at(step, args)
+    terms["loss"] = terms["mse"] + w_pix * terms["pixel_entropy"] + w_obj * terms["object_entropy"]
+    return terms
+
+
+# --- Training
+
+
+def lr_at(step, args):
+    """Linear warm-up from min_lr to lr, half-cycle cosine back to min_lr, then constant min_lr for
+    the cool-down (MAE's schedule plus the paper's cool-down phase). A run shorter than warm-up plus
+    cool-down (a smoke test, a benchmark) has no cosine phase: warm-up, then min_lr."""
+    if step < args.warmup_steps:
+        return args.min_lr + (args.lr - args.min_lr) * step / args.warmup_steps
+    cosine = args.steps - args.cooldown_steps - args.warmup_steps
+    if step >= args.steps - args.cooldown_steps or cosine <= 0:
+        return args.min_lr
+    t = (step - args.warmup_steps) / cosine
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_optimizer(model, args):
+    """AdamW, betas (0.9, 0.95); no weight decay on biases, norms, class tokens and the mask token."""
+    def decays(name, p):  # weight matrices (and the log-a column of the broadcast embedding)
+        return (p.dim() >= 2 or name == "log_attn_embed") and name not in ("class_tokens", "mask_token")
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    rest = [p for n, p in model.named_parameters() if not decays(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+
+def pick_device(name, local_rank):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise data.DataError("--device cuda asked for, but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise data.DataError("--device mps asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def load_checkpoint(path):
+    """Weights-only load: a file that needs arbitrary unpickling is refused, never executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.DataError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for hostile files, RuntimeError for corrupt ones
+        raise data.DataError(f"{path}: not a weights-only checkpoint ({type(e).__name__}); refusing to load it")
+
+
+def save_checkpoint(path, model, opt, scaler, step, args):
+    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                 step=step, args=vars(args), rng_torch=torch.get_rng_state(),
+                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def autocast(device, dtype):
+    dt = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return torch.autocast(device.type, dtype=dt, enabled=dt is not None)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args, device, split_seed=1234):
+    """Segmentation metrics of the decoder alpha masks and the reconstruction MSE on the first
+    `eval_size` images of `dataset`. RNG is forked so evaluation never changes training."""
+    model.eval()
+    n = min(args.eval_size, len(dataset))
+    loader = data.make_loader(torch.utils.data.Subset(dataset, range(n)), args.batch_size, shuffle=False)
+    per_image, mse, first = {}, [], None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(split_seed)
+        for batch in loader:
+            image = batch["image"].to(device)
+            with autocast(device, args.dtype):
+                out = model(image, mask_ratio=0.0)  # evaluation always sees every patch
+            masks = out["masks"].float()
+            mse.append(((out["recon"].float() - (image * 2 - 1)) ** 2).mean(dim=(1, 2, 3)).cpu())
+            if first is None:
+                first = (image, out)
+            if dataset_has_masks(dataset):
+                m = metrics.segmentation_metrics(batch["mask"], masks.cpu(), base(dataset).num_background)
+                for k, v in m.items():
+                    per_image.setdefault(k, []).append(v)
+    model.train()
+    result = metrics.average_metrics({k: torch.cat(v) for k, v in per_image.items()}) if per_image else {}
+    result["mse"] = torch.cat(mse).mean().item()
+    return result, first
+
+
+def base(dataset):
+    """The dataset under a Subset (for its attributes)."""
+    return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+
+
+def dataset_has_masks(dataset):
+    return getattr(base(dataset), "has_masks", True)
+
+
+def write_samples(path, image, out, args):
+    """Input, reconstruction, argmax of the decoder alpha masks, argmax of the bottleneck attention A,
+    then each slot's RGB on white where its alpha is low (save_grid applies the alpha)."""
+    rgb01 = (out["rgb"].float().clamp(-1, 1) + 1) / 2  # (B, K, 3, H, W)
+    attn = attention_masks(out, args.resolution // args.patch_size, args.patch_size)  # (B, K, H, W)
+    data.save_grid(path, image.cpu(), ((out["recon"].float() + 1) / 2).clamp(0, 1).cpu(), out["masks"].float().cpu(),
+                   rgb01.cpu(), extra_masks=[attn.float().cpu()])
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # resident set of the process, MiB
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        _main(args)
+    except (data.DataError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _main(args):
+    # Distributed: torchrun sets WORLD_SIZE / RANK / LOCAL_RANK.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(args.device, local_rank)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+
+    ckpt = None
+    if args.resume or args.eval_only:
+        ckpt = load_checkpoint(args.resume or args.eval_only)
+        for k in ARCH_KEYS:  # the network is the checkpoint's, whatever the flags say
+            setattr(args, k, ckpt["args"][k])
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)  # masks and token noise differ across ranks, as in a bigger batch
+
+    test_ds = data.make_dataset(args.data, "test", args.resolution)
+
+    if args.resume or args.eval_only:
+        run_dir = Path(args.resume or args.eval_only).parent
+    else:
+        name = args.run_name or f"vit_mae_ocl-{Path(args.data).stem}-seed{args.seed}"
+        run_dir = Path(args.out_dir) / name
+        if is_main and (run_dir / "checkpoint.pt").exists():
+            raise data.DataError(f"{run_dir} already holds a run; pass --resume {run_dir}/checkpoint.pt "
+                                 f"or another --run-name")
+
+    model = build_model(args).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    n_params = sum(p.numel() for p in model.parameters())
+
+    if args.eval_only:
+        if is_main:
+            result, (image, out) = evaluate(model, test_ds, args, device)
+            result["step"] = ckpt["step"]
+            (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+            print(json.dumps(result))
+        return
+
+    data_opts = {"size": args.train_size} if args.train_size and args.data in data.BUILTIN else {}
+    train_ds = data.make_dataset(args.data, "train", args.resolution, **data_opts)
+    if args.train_size and args.data not in data.BUILTIN:
+        train_ds = torch.utils.data.Subset(train_ds, range(min(args.train_size, len(train_ds))))
+    eval_ds = data.make_dataset(args.data, "val", args.resolution)
+
+    opt = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    step = 0
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_torch"])
+        if ckpt["rng_cuda"] and device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    plain = model  # checkpoints hold the plain module's weights
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        print(f"device {device} | {n_params / 1e6:.2f}M parameters | run folder {run_dir}")
+    log = open(run_dir / "metrics.jsonl", "a") if is_main else None
+
+    def write(record):
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    loader = data.make_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers,
+                              distributed=world > 1, start_step=step)
+    batches = iter(loader)
+    bar = tqdm(total=args.steps, initial=step, disable=not is_main, dynamic_ncols=True)
+    sums, n_sum, t0, fg_ari = {}, 0, time.time(), float("nan")
+    bad_step = torch.zeros((), dtype=torch.long, device=device)
+    bad_terms = None  # which terms were non-finite at bad_step (the cause, not the NaNs that follow it)
+    model.train()
+    while step < args.steps:
+        image = next(batches)["image"].to(device, non_blocking=True)
+        lr, ratio = lr_at(step, args), mask_ratio_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        noise = args.token_noise if step < args.warmup_steps else 0.0  # class-token noise in warm-up only
+        with autocast(device, args.dtype):
+            out = model(image, mask_ratio=ratio, token_noise=noise)
+        terms = compute_loss(out, image, args, step)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(terms["loss"]).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        for k, v in terms.items():  # summed on the device: no host sync inside the step
+            sums[k] = sums.get(k, 0.0) + v.detach()
+        n_sum += 1
+        # first step with a non-finite loss, tracked on the device (0: none yet)
+        finite = torch.stack([torch.isfinite(v.detach()) for v in terms.values()])  # (T,)
+        first_bad = (bad_step == 0) & ~finite.all()
+        bad_terms = torch.where(first_bad, ~finite, ~finite if bad_terms is None else bad_terms)
+        bad_step = torch.where(first_bad, step, bad_step)
+
+        last = step == args.steps
+        if step % args.log_every == 0 or step % args.save_every == 0 or last:
+            means = {k: (v / n_sum).item() for k, v in sums.items()}
+            if bad_step.item():  # stop before a checkpoint could store the broken weights
+                term = next(k for k, bad in zip(terms, bad_terms.tolist()) if bad)  # "loss" is last
+                raise FloatingPointError(f"non-finite loss term {term!r} at step {bad_step.item()}; stopped, "
+                                         f"last good checkpoint kept in {run_dir}")
+            if is_main and (step % args.log_every == 0 or last):
+                dt = time.time() - t0
+                w_pix, w_obj = entropy_weights_at(step - 1, args)  # the schedules of the step just taken
+                write({"step": step, "split": "train", **means, "lr": lr, "mask_ratio": ratio,
+                       "w_pixel_entropy": w_pix, "w_object_entropy": w_obj, "token_noise": noise,
+                       "images_per_s": n_sum * args.batch_size * world / dt, "peak_mem_mb": peak_memory_mb(device)})
+                bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{n_sum * args.batch_size * world / dt:.0f}",
+                                fg_ari=f"{fg_ari:.3f}")
+                sums, n_sum, t0 = {}, 0, time.time()
+        if is_main and ((args.eval_every and step % args.eval_every == 0) or last):
+            t_eval = time.time()
+            result, (image_s, out_s) = evaluate(plain, test_ds if last else eval_ds, args, device)
+            fg_ari = result.get("fg_ari", float("nan"))
+            write({"step": step, "split": "eval", **result})
+            write_samples(run_dir / "samples" / f"step_{step:07d}.png", image_s, out_s, args)
+            if last:
+                (run_dir / "eval.json").write_text(json.dumps({"step": step, **result}, indent=2))
+            t0 += time.time() - t_eval  # evaluation time does not count against images/s
+        if is_main and (step % args.save_every == 0 or last):
+            save_checkpoint(run_dir / "checkpoint.pt", plain, opt, scaler, step, args)
+        bar.update(1)
+    bar.close()
+    if log:
+        log.close()
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
