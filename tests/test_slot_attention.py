@@ -112,6 +112,13 @@ def test_paper_preset_per_dataset(name, res, k, dec):
     assert sa.parse_args(["--data", name, "--num-slots", "9", "--decoder", "sprites"]).num_slots == 9  # flags win
 
 
+def test_tiny_preset_defaults():
+    args = sa.parse_args(["--preset", "tiny"])  # the README's quick-start
+    assert (args.data, args.resolution, args.num_slots, args.lr, args.steps) == ("shapes-binary", 32, 4, 1e-3, 3000)
+    assert sa.parse_args(["--preset", "tiny", "--data", "shapes"]).num_slots == 6
+    assert sa.parse_args([]).data == "shapes"
+
+
 def test_lr_schedule_known_values():
     args = sa.parse_args(["--lr", "4e-4", "--warmup-steps", "10", "--decay-steps", "100"])
     assert sa.lr_at(4, args) == pytest.approx(4e-4 * 0.5 * 0.5 ** 0.04)

@@ -204,6 +204,15 @@ def test_paper_preset_per_dataset(name, res, patch, k, ratio, enc, dec):
     assert vm.parse_args(["--data", name, "--num-slots", "9"]).num_slots == 9  # flags win
 
 
+def test_tiny_preset_defaults():
+    a = vm.parse_args(["--preset", "tiny"])  # the quick-start: Tetrominoes at its native size
+    assert (a.data, a.resolution, a.patch_size, a.num_slots, a.enc_dim, a.token_noise) == ("tetrominoes", 35, 5, 4, 64, 0.1)
+    a = vm.parse_args(["--preset", "tiny", "--data", "shapes"])  # 64 px sets shrink to 32 px / patch 4
+    assert (a.resolution, a.patch_size, a.num_slots) == (32, 4, 6)
+    assert vm.parse_args([]).data == "shapes" and vm.parse_args([]).token_noise == 0.0
+    assert vm.parse_args(["--preset", "tiny", "--token-noise", "0"]).token_noise == 0.0  # flags win
+
+
 def test_optimizer_is_adamw_without_decay_on_tokens():
     model, args = model_and_args()
     opt = vm.make_optimizer(model, args)
