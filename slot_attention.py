@@ -43,7 +43,7 @@ Commands
     python slot_attention.py --data shapes-colored --loss cosine --beta 0.01 --probe
   CLEVR6 from the DeepMind HDF5 file (128 px, K=7, CLEVR decoder):
     python slot_attention.py --data /data/clevr_with_masks.h5
-  CPU, tiny preset (shapes-binary at 32 px, 3000 steps; FG-ARI ~0.7 in ~12 min on one core):
+  CPU, tiny preset (shapes-binary at 32 px, 3000 steps; FG-ARI ~0.7 in ~13 min on one core):
     python slot_attention.py --preset tiny
   Several GPUs (or CPU processes with gloo):
     torchrun --nproc_per_node=4 slot_attention.py --data shapes-colored --loss cov

@@ -55,7 +55,7 @@ Commands
     python vit_mae_ocl.py --pixel-entropy 0 --object-entropy 0
     python vit_mae_ocl.py --mask-ratio 0
     bash scripts/vit_mae_ablation.sh
-  CPU, tiny preset (Tetrominoes at 35 px, 3000 steps; FG-ARI ~0.8 in ~5 min on one core):
+  CPU, tiny preset (Tetrominoes at 35 px, 3000 steps; FG-ARI ~0.8 in ~3.5 min on one core):
     python vit_mae_ocl.py --preset tiny
   Several GPUs (or CPU processes with gloo):
     torchrun --nproc_per_node=4 vit_mae_ocl.py --data shapes
@@ -89,7 +89,7 @@ PRESETS = {
     "paper": dict(batch_size=128, steps=154_770, lr=5e-4, min_lr=1e-5, warmup_steps=4_690,
                   cooldown_steps=14_070, grad_clip=0.0, enc_depth=4, dec_depth=2, log_every=100,
                   eval_every=5_000, eval_size=320, save_every=5_000, token_noise=0.0),
-    # tiny: 64-wide, Tetrominoes at its native 35 px / patch 5 by default (segments in ~5 CPU minutes,
+    # tiny: 64-wide, Tetrominoes at its native 35 px / patch 5 by default (segments in ~3.5 CPU minutes,
     # README); other data at 32 px / patch 4. Class-token noise in warm-up helps the tokens separate.
     "tiny": dict(batch_size=16, steps=3_000, lr=5e-4, min_lr=1e-5, warmup_steps=300, cooldown_steps=300,
                  grad_clip=0.0, enc_depth=4, dec_depth=2, enc_dim=64, enc_heads=4, dec_dim=64, dec_heads=4,
