@@ -1,4 +1,4 @@
-"""Smoke tests of scripts/compare.py and scripts/bench_speed.py: real subprocesses, tiny models, a few steps."""
+"""Smoke tests of scripts/compare.py, bench_speed.py and profile_run.py: real subprocesses, tiny models."""
 import json
 import os
 import re
@@ -117,3 +117,16 @@ def test_bench_speed_writes_a_table(tmp_path):
         row = re.search(rf"^\| {model} \| tiny \| eager \| fp32 \| (\S+) \| (\S+) \|$", table, re.M)
         assert row, table
         assert float(row.group(1)) > 0 and float(row.group(2)) > 0
+
+
+def test_profile_run_writes_an_operator_table(tmp_path):
+    out = tmp_path / "profile.txt"
+    tiny = SLOT_ATTENTION.partition("=")[2]
+    r = script("profile_run.py", "--model", "slot_attention", "--steps", "2", "--rows", "5", "--device", "cpu",
+               "--extra", f"--data shapes-binary {COMMON} {tiny}", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = out.read_text()
+    assert table.startswith("slot_attention.py --preset tiny --steps 2")
+    ops = re.findall(r"^\s*(aten::\w+)\s", table, re.M)
+    assert 0 < len(ops) <= 5 and "aten::convolution_backward" in table, table  # a conv model trained: backward ran
+    assert script("profile_run.py", "--model", "nope").returncode == 2
