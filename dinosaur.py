@@ -872,7 +872,8 @@ def _main(args):
         (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"device {device} | {n_params / 1e6:.2f}M trainable parameters | frozen {args.vit} "
               f"{encoder_sha[:12]} | run folder {run_dir}")
-    log = open(run_dir / "metrics.jsonl", "a") if is_main else None
+    # a fresh run starts a fresh log (a run that failed before its first checkpoint may have left one)
+    log = open(run_dir / "metrics.jsonl", "a" if args.resume else "w") if is_main else None
 
     def write(record):
         log.write(json.dumps(record) + "\n")

@@ -196,6 +196,15 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert losses_of("full") == losses_of("part")
 
 
+def test_fresh_run_does_not_append_to_a_stale_log(tmp_path):
+    stale = tmp_path / "r"  # a run that failed before its first checkpoint: a log, no checkpoint.pt
+    stale.mkdir()
+    (stale / "metrics.jsonl").write_text(json.dumps({"step": 99, "split": "train", "loss": 1.0}) + "\n")
+    sa.main(CLI + ["--out-dir", str(tmp_path), "--run-name", "r", "--steps", "2", "--eval-every", "0"])
+    steps = [json.loads(l)["step"] for l in (stale / "metrics.jsonl").open()]
+    assert steps == [2, 2]  # the train line and the final eval line of this run only
+
+
 class Hostile:
     def __reduce__(self):
         return (os.system, (f"touch {MARKER}",))
