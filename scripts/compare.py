@@ -48,10 +48,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import bench_speed  # noqa: E402  (this folder is on sys.path when a script runs)
 import data  # noqa: E402
 
-MODELS = tuple(m for m in ("slot_attention", "monet", "iodine", "dinosaur", "vit_mae_ocl")
-               if (ROOT / f"{m}.py").exists())
+MODELS = tuple(m for m in bench_speed.MODELS if (ROOT / f"{m}.py").exists())
 METRICS = (("fg_ari", "FG-ARI"), ("ari", "ARI"), ("miou", "mIoU"), ("mbo", "mBO"))
 IGNORED = {"device", "out_dir", "resume", "eval_only", "workers"}  # may differ between a run and its reuse
 COLOURS = (0, 3, 1, 5, 4, 10, 12, 7)  # data.PALETTE rows that read well on white

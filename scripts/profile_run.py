@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench_speed import MODELS  # this folder is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-MODELS = ("slot_attention", "monet", "iodine", "dinosaur", "vit_mae_ocl")
 
 
 def parse_args(argv=None):
