@@ -228,12 +228,10 @@ def sincos_2d(dim, grid):
 
 
 def random_masking(n, ratio, batch, device):
-    """MAE's per-sample random masking. Returns ids_keep (B, n_keep), the visible patch indices in
-    shuffled order, and ids_restore (B, n), with gather(cat(visible, masked), ids_restore) = original order."""
-    noise = torch.rand(batch, n, device=device)  # a fresh permutation per image
-    ids_shuffle = noise.argsort(dim=1)  # (B, n)
-    ids_restore = ids_shuffle.argsort(dim=1)  # (B, n), the inverse permutation
-    return ids_shuffle[:, :num_kept(n, ratio)], ids_restore
+    """MAE's per-sample random masking: ids_keep (B, n_keep), the visible patch indices in shuffled order
+    (the first n_keep of a fresh random permutation per image)."""
+    noise = torch.rand(batch, n, device=device)
+    return noise.argsort(dim=1)[:, :num_kept(n, ratio)]  # (B, n_keep)
 
 
 class Block(nn.Module):
@@ -297,7 +295,7 @@ class ObjectCentricMAE(nn.Module):
         token_noise: std of Gaussian noise on the class tokens (the training loop passes it in warm-up)."""
         b, k, n = image.shape[0], self.num_slots, self.num_patches
         x = rearrange(self.patch_embed(image * 2 - 1), "b d h w -> b (h w) d") + self.enc_pos  # (B, N, D)
-        ids_keep, ids_restore = random_masking(n, mask_ratio, b, image.device)  # (B, Nv), (B, N)
+        ids_keep = random_masking(n, mask_ratio, b, image.device)  # (B, Nv)
         x = x.gather(1, repeat(ids_keep, "b v -> b v d", d=x.shape[-1]))  # (B, Nv, D) visible patches
         tokens = self.class_tokens.expand(b, -1, -1)  # (B, K, D)
         if token_noise > 0:
@@ -315,21 +313,21 @@ class ObjectCentricMAE(nn.Module):
         weights = attn / (attn.sum(dim=1, keepdim=True) + self.eps)  # (B, Nv, K), w_ik
         slots = torch.einsum("bvk,bvd->bkd", weights.to(z.dtype), z)  # (B, K, D)
 
-        # Broadcasting module (Sec. 3.2): embed [s_k, log a_ik] per visible patch, insert mask tokens.
-        emb = self.slot_embed(slots)[:, :, None] + rearrange(log_attn, "b v k -> b k v 1") * self.log_attn_embed
-        emb = rearrange(emb, "b k v d -> (b k) v d")  # (B*K, Nv, Dd): all slots decode as one batch
-        masked = self.mask_token.to(emb.dtype).expand(b * k, n - emb.shape[1], -1)  # (B*K, N - Nv, Dd)
-        y = torch.cat([emb, masked], dim=1)  # (B*K, N, Dd) in shuffled order
-        restore = repeat(ids_restore, "b n -> (b k) n d", k=k, d=y.shape[-1])  # same permutation for all slots
-        y = y.gather(1, restore) + self.dec_pos  # (B*K, N, Dd) in raster order
+        # Broadcasting module (Sec. 3.2): embed [s_k, log a_ik] per visible patch, the mask token elsewhere.
+        # log a and the visibility are put back in raster order while they are small (B, N, K), so the
+        # (B*K, N, Dd) decoder input is built in place by one select, with no index tensor of its size.
+        log_a = log_attn.new_zeros(b, n, k).scatter(1, repeat(ids_keep, "b v -> b v k", k=k), log_attn)  # (B, N, K)
+        visible = torch.zeros(b, n, dtype=torch.bool, device=image.device).scatter(1, ids_keep, True)  # (B, N)
+        emb = self.slot_embed(slots)[:, :, None] + rearrange(log_a, "b n k -> b k n 1") * self.log_attn_embed
+        y = torch.where(visible[:, None, :, None], emb, self.mask_token.to(emb.dtype))  # (B, K, N, Dd), raster order
+        y = rearrange(y, "b k n d -> (b k) n d") + self.dec_pos  # (B*K, N, Dd): all slots decode as one batch
         for blk in self.decoder:
             y = blk(y)
         y = self.head(self.dec_norm(y))  # (B*K, N, p*p*4)
         y = rearrange(y, "(b k) (h w) (p q c) -> b k c (h p) (w q)", b=b, h=self.grid, p=self.p, q=self.p)
         rgb, masks = y[:, :, :3], y[:, :, 3].float().softmax(dim=1)  # (B, K, 3, H, W), (B, K, H, W)
         recon = (masks.unsqueeze(2) * rgb).sum(dim=1)  # (B, 3, H, W), in [-1, 1]
-        return dict(recon=recon, rgb=rgb, masks=masks, slots=slots, attn=attn, ids_keep=ids_keep,
-                    ids_restore=ids_restore)
+        return dict(recon=recon, rgb=rgb, masks=masks, slots=slots, attn=attn, ids_keep=ids_keep)
 
 
 def build_model(args):
