@@ -237,7 +237,7 @@ def test_mask_diagnostics_known_values():
 
 
 @pytest.mark.parametrize("name,res,k,blocks", [
-    ("shapes", 64, 7, 5), ("shapes-colored", 64, 6, 5), ("tetrominoes", 35, 5, 4),
+    ("shapes", 64, 7, 5), ("shapes-colored", 64, 6, 5), ("tetrominoes", 35, 4, 4),
     ("/d/clevr_with_masks.h5", 128, 7, 6), ("/d/objects_room_train.h5", 64, 7, 5)])
 def test_paper_preset_per_dataset(name, res, k, blocks):
     args = monet.parse_args(["--data", name])
@@ -246,6 +246,16 @@ def test_paper_preset_per_dataset(name, res, k, blocks):
     assert (args.beta, args.gamma, args.sigma_bg, args.sigma_fg, args.loss) == (0.5, 0.5, 0.09, 0.11, "nll")
     assert (args.enc_channels, args.enc_hidden, args.dec_channels, args.mlp_hidden) == (32, 256, 32, 128)
     assert monet.parse_args(["--data", name, "--num-slots", "9"]).num_slots == 9  # flags win
+
+
+@pytest.mark.parametrize("name,res,k", [("tetrominoes", 35, 4), ("shapes", 32, 7), ("shapes-binary", 32, 5)])
+def test_tiny_preset_keeps_tetrominoes_native_and_shrinks_the_rest(name, res, k):
+    args = monet.parse_args(["--preset", "tiny", "--data", name])
+    assert (args.resolution, args.num_slots, args.steps, args.lr, args.batch_size) == (res, k, 3000, 3e-4, 16)
+    assert args.unet_blocks == monet.unet_blocks_for(res)
+    assert monet.parse_args(["--preset", "tiny", "--data", name, "--resolution", "24"]).resolution == 24
+    assert monet.parse_args(["--preset", "tiny"]).data == "tetrominoes"
+    assert monet.parse_args([]).data == "shapes"
 
 
 def test_overfits_one_batch():
