@@ -13,8 +13,8 @@ What is implemented
   - Object function (Sec. 3): A = softmax_K(Z C^T / sqrt(D)) over the visible patch tokens Z and
     class tokens C; slot s_k = sum_i w_ik z_i with w_ik = a_ik / (sum_i a_ik + eps).
   - Broadcasting module: each slot tiled over the visible patches and concatenated with its log
-    attention, embedded to the decoder width, mask tokens inserted at the masked positions,
-    unshuffled, sin-cos positions added; a ViT decoder (depth 2) runs on all K slots as one batch
+    attention, embedded to the decoder width, mask tokens at the masked positions (built in raster
+    order by one select), sin-cos positions added; a ViT decoder (depth 2) runs on all K slots as one batch
     and outputs p^2 x (3 + 1) per patch; alpha is softmaxed over slots, image = sum_k alpha_k rgb_k.
   - Objective: MSE on the full image + lambda_pix * pixel entropy (eq. 5) + lambda_obj * object
     entropy (eq. 6) of the alpha masks (losses.pixel_entropy / losses.object_entropy).
