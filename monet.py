@@ -100,8 +100,8 @@ PRESETS = {
 }
 TINY_RESOLUTION = 32  # tiny preset on data other than Tetrominoes
 # Per-data defaults: resolution and K (one slot more than the most entities an image holds; 7 as the
-# paper for CLEVR6 and ObjectsRoom; Tetrominoes: K=4 as in IODINE and the other files, one slot per
-# entity, so all five models split its images into the same number of parts).
+# paper for CLEVR6 and ObjectsRoom; Tetrominoes: K=4, IODINE's setting, one slot per entity: MONet's
+# background slot takes the background, so no spare slot is needed).
 DATA_DEFAULTS = {
     "shapes": dict(resolution=64, num_slots=7),
     "shapes-colored": dict(resolution=64, num_slots=6),

@@ -218,8 +218,11 @@ def test_paper_preset_per_dataset(name, res, patch, k, ratio, enc, dec):
 
 
 def test_tiny_preset_defaults():
-    a = vm.parse_args(["--preset", "tiny"])  # the quick-start: Tetrominoes at its native size
-    assert (a.data, a.resolution, a.patch_size, a.num_slots, a.enc_dim, a.token_noise) == ("tetrominoes", 35, 5, 4, 64, 0.1)
+    a = vm.parse_args(["--preset", "tiny"])  # the quick-start: Tetrominoes at its native size, one spare slot
+    assert (a.data, a.resolution, a.patch_size, a.num_slots) == ("tetrominoes", 35, 5, 5)
+    assert (a.enc_dim, a.token_noise) == (64, 0.1)
+    assert vm.parse_args(["--preset", "tiny", "--num-slots", "4"]).num_slots == 4  # the paper's K, by flag
+    assert vm.parse_args(["--data", "tetrominoes"]).num_slots == 4  # the paper preset keeps the paper's K
     a = vm.parse_args(["--preset", "tiny", "--data", "shapes"])  # 64 px sets shrink to 32 px / patch 4
     assert (a.resolution, a.patch_size, a.num_slots) == (32, 4, 6)
     assert vm.parse_args([]).data == "shapes" and vm.parse_args([]).token_noise == 0.0
