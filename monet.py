@@ -176,9 +176,8 @@ def parse_args(argv=None):
         args.data = "tetrominoes" if args.preset == "tiny" else "shapes"
     key = args.data if args.data in DATA_DEFAULTS else next(
         (k for k in ("clevrtex", "clevr", "objects_room", "dsprites", "tetromino") if k in args.data.lower()), "other")
-    tiny_size = {"resolution": TINY_RESOLUTION} if args.preset == "tiny" and key not in ("tetrominoes", "tetromino") \
-        else {}
-    for k, v in {**DATA_DEFAULTS[key], **PRESETS[args.preset], **tiny_size}.items():
+    tiny = {} if args.preset != "tiny" or key in ("tetrominoes", "tetromino") else {"resolution": TINY_RESOLUTION}
+    for k, v in {**DATA_DEFAULTS[key], **PRESETS[args.preset], **tiny}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.unet_blocks is None:
