@@ -180,6 +180,13 @@ def test_paper_preset_per_dataset(name, res, k, z, lstm, batch, lr):
     assert io.parse_args(["--data", name, "--no-lstm"]).lstm_hidden == 0
 
 
+def test_tiny_preset_defaults_to_tetrominoes():
+    a = io.parse_args(["--preset", "tiny"])
+    assert (a.data, a.resolution, a.num_slots) == ("tetrominoes", 32, 4)
+    assert (a.latent_dim, a.lstm_hidden, a.steps) == (16, 0, 2000)  # Tetrominoes: no LSTM, as in the paper
+    assert io.parse_args([]).data == "shapes"
+
+
 def test_lr_schedule_known_values():
     args = io.parse_args(["--lr", "1e-3", "--warmup-steps", "10", "--decay-steps", "100"])
     assert io.lr_at(4, args) == pytest.approx(1e-3 * 0.5 * 0.1 ** 0.04)
