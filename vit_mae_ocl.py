@@ -237,6 +237,11 @@ def random_masking(n, ratio, batch, device):
     return noise.argsort(dim=1)[:, :num_kept(n, ratio)]  # (B, n_keep)
 
 
+def to_raster(x, ids_keep, n):
+    """Per-visible-patch values x (B, Nv, C) put back at their patch positions: (B, N, C), 0 at masked patches."""
+    return x.new_zeros(x.shape[0], n, x.shape[2]).scatter(1, repeat(ids_keep, "b v -> b v c", c=x.shape[2]), x)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)) (GELU, hidden = ratio * dim)."""
 
@@ -318,8 +323,8 @@ class ObjectCentricMAE(nn.Module):
 
         # Broadcasting module (Sec. 3.2): embed [s_k, log a_ik] per visible patch, the mask token elsewhere.
         # log a and the visibility are put back in raster order while they are small (B, N, K), so the
-        # (B*K, N, Dd) decoder input is built in place by one select, with no index tensor of its size.
-        log_a = log_attn.new_zeros(b, n, k).scatter(1, repeat(ids_keep, "b v -> b v k", k=k), log_attn)  # (B, N, K)
+        # (B*K, N, Dd) decoder input is built by one select, with no index tensor of its size.
+        log_a = to_raster(log_attn, ids_keep, n)  # (B, N, K)
         visible = torch.zeros(b, n, dtype=torch.bool, device=image.device).scatter(1, ids_keep, True)  # (B, N)
         emb = self.slot_embed(slots)[:, :, None] + rearrange(log_a, "b n k -> b k n 1") * self.log_attn_embed
         y = torch.where(visible[:, None, :, None], emb, self.mask_token.to(emb.dtype))  # (B, K, N, Dd), raster order
@@ -341,9 +346,7 @@ def build_model(args):
 def attention_masks(out, grid, patch):
     """Bottleneck attention A (B, Nv, K) scattered back to raster order and upsampled to pixels:
     (B, K, H, W); masked patches get 0 (at ratio 0 every patch is visible)."""
-    attn, ids = out["attn"], out["ids_keep"]
-    full = attn.new_zeros(attn.shape[0], grid * grid, attn.shape[2])  # (B, N, K)
-    full.scatter_(1, repeat(ids, "b v -> b v k", k=attn.shape[2]), attn)
+    full = to_raster(out["attn"], out["ids_keep"], grid * grid)  # (B, N, K)
     full = rearrange(full, "b (h w) k -> b k h w", h=grid)  # (B, K, g, g)
     return full.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)  # (B, K, H, W)
 

@@ -254,6 +254,9 @@ def test_tiny_preset_keeps_tetrominoes_native_and_shrinks_the_rest(name, res, k)
     assert (args.resolution, args.num_slots, args.steps, args.lr, args.batch_size) == (res, k, 3000, 3e-4, 16)
     assert args.unet_blocks == monet.unet_blocks_for(res)
     assert monet.parse_args(["--preset", "tiny", "--data", name, "--resolution", "24"]).resolution == 24
+
+
+def test_tiny_preset_defaults_to_tetrominoes():
     assert monet.parse_args(["--preset", "tiny"]).data == "tetrominoes"
     assert monet.parse_args([]).data == "shapes"
 
