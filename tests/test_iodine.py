@@ -334,3 +334,113 @@ def test_cuda_bf16_compile(tmp_path):
     assert r.returncode == 0, r.stderr
     train = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").open()]
     assert all(math.isfinite(l["loss"]) for l in train if l["split"] == "train")
+
+
+# --- Every refinement input against an independent formula (issue 14): the spatial block the refinement network
+# receives is hooked and cut by this file's own layout, not iodine.py's.
+def spatial_layout(nc):
+    return [("image", 3), ("means", 3), ("masks", 1), ("mask_logits", 1), ("dmeans", 3), ("dlogits", 1),
+            ("posterior", 1), ("log_px", 1), ("loo", 1), ("coords", nc)]
+
+
+def coords_formula(kind, h, w):
+    """[y, x] in [-1, 1]; or cos(f_y pi v) cos(f_x pi u), u, v in [0, 1], f in 0..2, without f = (0, 0)."""
+    v, u = torch.linspace(0, 1, h)[:, None].expand(h, w), torch.linspace(0, 1, w)[None, :].expand(h, w)
+    if kind == "linear":
+        return torch.stack([2 * v - 1, 2 * u - 1])
+    return torch.stack([torch.cos(fy * math.pi * v) * torch.cos(fx * math.pi * u)
+                        for fy in range(3) for fx in range(3)][1:])
+
+
+def layer_norm(v, dims, weight=None, bias=None, eps=1e-5):
+    """(v - mean) / sqrt(var + eps) over `dims`, then the per-channel affine (channel dim 2 of (B, K, C, H, W))."""
+    out = (v - v.mean(dims, keepdim=True)) / torch.sqrt(v.var(dims, unbiased=False, keepdim=True) + eps)
+    if weight is not None:
+        shape = [1] * v.dim()
+        shape[2] = -1
+        out = out * weight.view(shape) + bias.view(shape)
+    return out
+
+
+def pixel_log_lik(x, means, args):
+    """log N(x; mu_k, sigma^2), summed over channels: (B, K, H, W)."""
+    u = (x[:, None] - means) / args.sigma
+    return (-0.5 * u ** 2 - math.log(args.sigma) - 0.5 * math.log(2 * math.pi)).sum(2)
+
+
+def expected_inputs(model, args, x, lam, noise):
+    """The refinement inputs of one step from lambda (B, K, 2Z) and the step's noise, by direct formulas in float64
+    (the decoder is the model's; everything after it is recomputed here)."""
+    lam = lam.detach().double().requires_grad_()
+    mu, s = lam.chunk(2, -1)
+    var = torch.nn.functional.softplus(s)
+    means, logits = model.decoder((mu + var.sqrt() * noise.double()).float())
+    means, logits = means.double(), logits.double()
+    xd = x.double()
+    log_lik = pixel_log_lik(xd, means, args)  # (B, K, H, W)
+    masks = logits.softmax(1)
+    log_px = torch.log((masks * log_lik.exp()).sum(1))  # (B, H, W): the mixture, directly
+    prior_var = args.prior_scale ** 2
+    kl = 0.5 * (var / prior_var + mu ** 2 / prior_var - 1 - var.log() + math.log(prior_var))
+    loss = -log_px.sum() + kl.sum()
+    dmeans, dlogits, dlam = torch.autograd.grad(loss, [means, logits, lam])
+    k = means.shape[1]
+    loo = []
+    for j in range(k):  # the mixture of the other K-1 components, their masks renormalised
+        keep = [i for i in range(k) if i != j]
+        loo.append(log_px - torch.log((logits[:, keep].softmax(1) * log_lik[:, keep].exp()).sum(1)))
+    loo = torch.stack(loo, 1).unsqueeze(2)  # (B, K, 1, H, W)
+    n = {name: (m.weight.double(), m.bias.double()) for name, m in model.norms.items()}
+    b, _, h, w = x.shape
+    post = log_lik.exp() / log_lik.exp().sum(1, keepdim=True)
+    return dict(
+        image=xd[:, None].expand(b, k, 3, h, w), means=means, masks=masks[:, :, None], mask_logits=logits[:, :, None],
+        dmeans=layer_norm(dmeans, (2, 3, 4), *n["dmeans"]), dlogits=layer_norm(dlogits[:, :, None], (2, 3, 4),
+                                                                              *n["dlogits"]),
+        posterior=post[:, :, None], log_px=layer_norm(log_px[:, None, None], (2, 3, 4), *n["log_px"]).expand(
+            b, k, 1, h, w), loo=layer_norm(loo, (2, 3, 4), *n["loo"]),
+        coords=coords_formula(args.coord, h, w).double().expand(b, k, -1, h, w),
+        dlam=layer_norm(dlam, (2,)) * model.norm_dlam.weight.double() + model.norm_dlam.bias.double())
+
+
+def check_refinement_inputs(model, args, x, noise):
+    """Run the model with a hook on the refinement network and compare every input block of every step."""
+    seen = []
+    hook = model.refine.register_forward_pre_hook(lambda m, a: seen.append([t.detach().clone() for t in a[:3]]))
+    try:
+        model(x, noise)
+    finally:
+        hook.remove()
+    b, k = x.shape[0], args.num_slots
+    assert len(seen) == args.iters
+    lam = model.lambda0.detach().expand(b, k, -1)
+    for t, (spatial, lam_in, dlam_in) in enumerate(seen):
+        torch.testing.assert_close(lam_in.view(b, k, -1), lam)  # the refinement sees the current lambda
+        want = expected_inputs(model, args, x, lam, noise[t])
+        spatial = spatial.view(b, k, *spatial.shape[1:])  # (B, K, C, H, W)
+        start = 0
+        for name, c in spatial_layout(want["coords"].shape[2]):
+            torch.testing.assert_close(spatial[:, :, start:start + c].double(), want[name], atol=2e-4, rtol=1e-4,
+                                       msg=lambda m: f"step {t}, input {name}: {m}")
+            start += c
+        assert start == spatial.shape[2]
+        torch.testing.assert_close(dlam_in.view(b, k, -1).double(), want["dlam"], atol=2e-4, rtol=1e-4)
+        lam = lam + model.refine(spatial.flatten(0, 1), lam_in, dlam_in)[0].view(b, k, -1)  # next step's lambda
+
+
+def perturbed_model(*extra):
+    """The tiny model with random LayerNorm affines, so that a missing or swapped affine shows."""
+    model, args = model_and_args(*extra)
+    with torch.no_grad():
+        for m in [*model.norms.values(), model.norm_dlam]:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    return model, args
+
+
+@pytest.mark.parametrize("extra", [["--coord", "cos"], ["--coord", "linear", "--no-lstm"]])
+def test_every_refinement_input_equals_its_formula(extra):
+    model, args = perturbed_model(*extra)
+    torch.manual_seed(3)
+    x, noise = images(2), torch.randn(args.iters + 1, 2, args.num_slots, args.latent_dim)
+    check_refinement_inputs(model, args, x, noise)
