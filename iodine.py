@@ -2,41 +2,41 @@
 
 Paper
   Greff et al., "Multi-Object Representation Learning with Iterative Variational Inference", ICML 2019,
-  arXiv 1903.00450 (official TensorFlow code: deepmind-research/iodine).
+  arXiv 1903.00450; official TensorFlow code deepmind-research iodine/ (configurations.py, modules/), whose
+  configuration the paper preset follows where it differs from the paper's prose (each case below).
 
 What is implemented
   - Posterior q(z_k | lambda_k), lambda_k = (mu_k, s_k), diagonal Gaussian with scale sqrt(softplus(s_k))
-    (the code's "var" parameterisation); the initial lambda is one learned vector shared by all K slots, so
-    the slots differ only by their samples until the refinement separates them (Sec. 2.2).
-  - Spatial broadcast decoder (Sec. 2.3, App. B): z_k tiled over the image, two linear coordinate channels
-    in [-1, 1], 4 x conv SAME ELU, conv to 4 channels: RGB mean mu_k and mask logit; masks = softmax over K.
-  - Pixel likelihood: the spatial mixture sum_k m_k N(x; mu_k, sigma^2) with a fixed --sigma.
-  - Refinement (Sec. 2.2, Table 3): lambda_k <- lambda_k + f_phi(z_k, x, a_k) for --iters T steps, with
-    every input of the paper per slot: image, means, masks, mask logits, dL/dmu_k, dL/dmask-logit_k,
-    dL/dlambda_k, mask posterior p(x|mu_k) / sum_j p(x|mu_j), pixel-wise log-likelihood log p(x),
-    leave-one-out log p(x) - log p(x | z_{j != k}), coordinate channels. Gradient, likelihood and
-    leave-one-out inputs are stop-gradient and LayerNorm-ed (each its own LayerNorm over C, H, W).
-    Image-sized inputs go through the strided ELU CNN, average pooling and the MLP; lambda and dL/dlambda
-    join after it; then the LSTM (off for Tetrominoes, as in the paper) and a linear head giving the
-    update. All K slots run as one batch of B*K.
-  - The refinement gradients are torch.autograd.grad of the current loss without a second-order graph
-    (create_graph=False, so they are constants); the training loss still backpropagates through all T steps.
-  - Objective: sum_{t=0..T} (t/T) (NLL_t + KL_t) (the initial decode has weight 0), each NLL_t and KL_t
-    logged; Adam with beta1 0.95, gradient clipping 5, lr x 0.1^(step/1M) as in the official code.
-  - Evaluation: ARI, FG-ARI, mIoU, mBO of the decoded masks after the last step, and FG-ARI after every
-    step (fg_ari_iter_t), which shows the refinement at work.
+    (the code's "var" parameterisation); the initial lambda is one learned vector shared by all K slots.
+  - Spatial broadcast decoder (App. B): [z_k, 5.0] tiled over the image, two linear coordinate channels in
+    [-1, 1], 4 x conv SAME ELU, conv to 4 channels: RGB mean mu_k and mask logit; masks = softmax over K.
+    The first convolution skips the tiling by an exact identity (broadcast_conv; --plain-decoder undoes it).
+  - Pixel likelihood: the spatial mixture sum_k m_k p(x | mu_k), p a logistic with fixed scale 0.03 per
+    channel as in every official configuration (--likelihood gaussian --pixel-scale 0.1: the common
+    reimplementations' Gaussian). The mixture, the posterior and the leave-one-out inputs use the same p.
+  - Refinement (Sec. 2.2, Table 3): lambda_k <- lambda_k + f_phi(z_k, x, a_k) for --iters T steps with every
+    input of the official code; image-sized ones through the strided ELU CNN, average pooling and the MLP;
+    lambda, dL/dlambda and the flat capacity join after it; then the LSTM (none for Tetrominoes) and a
+    linear head. Gradient, likelihood and leave-one-out inputs are stop-gradient and LayerNorm-ed.
+    All K slots run as one batch of B*K; the gradients are first order (autograd.grad, no create_graph).
+  - Objective: sum_{t=0..T} (t/T) (NLL_t + KL_t); Adam beta1 0.95, clip 5, lr x 0.1^(step/1M).
+  - Initialisation: Sonnet's, as the official code (sonnet_init_; --init torch for PyTorch's defaults).
+  - Evaluation: ARI, FG-ARI, mIoU, mBO of the final masks; FG-ARI after every step (fg_ari_iter_t); and two
+    plateau diagnostics: mask_std (std of each slot's mask over the pixels, ~0 while every slot decodes a
+    flat colour under uniform masks) and colour_fg_ari (FG-ARI of argmax_k p(x | mu_k): each pixel to the
+    slot whose mean explains its colour best, high as soon as the slots have split the colours).
+
+This file's names and the official code's (modules/iodine.py _get_inputs_for, decode, _get_initial_z)
+  lam -> zp        lambda0 -> initial_sample_distribution     means -> components      mask_logits -> mask
+  masks -> pred_mask      posterior -> posterior      log_px -> log_prob      loo -> counterfactual
+  dmeans, dlogits, dlam -> dcomponents, dmask, dzp      coords -> coordinates
+  capacity, flat_capacity -> capacity, flat_capacity (0.5 everywhere)
 
 Deviations and choices (each one stated so a reader can undo it)
-  - Likelihood: the official code uses a logistic pixel distribution with fixed scale 0.03; we use the
-    paper's Gaussian with fixed --sigma 0.1 (as common reimplementations do), on images in [0, 1].
-  - Prior: N(0, I) as in the paper (--prior-scale 1). The code's default prior is the latent distribution
-    at zero parameters, scale sqrt(softplus(0)) = sqrt(ln 2) ~ 0.833: pass --prior-scale 0.8326 for it.
-  - dL/dm_k is taken with respect to the mask logits, as in the official code ("dmask").
-  - The gradient inputs are of the per-image loss (summed over the batch), so an image's input does not
-    depend on the batch size; the code's batch mean differs by 1/B, which the LayerNorm removes.
-  - The code's constant inputs ("capacity", 0.5 everywhere) and the decoder's constant latent unit (5.0)
-    carry no information and are left out.
-  - The mask posterior is a softmax of the per-slot log-likelihoods (the code adds 1e-6 to the denominator).
+  - Prior N(0, ln 2 I): the code's (its latent distribution at zero parameters, scale sqrt(softplus(0))),
+    which every official configuration uses; the paper writes N(0, I) (--prior-scale 1).
+  - The gradient inputs are of the per-image loss summed over the batch (the code's batch mean differs by
+    1/B, which the LayerNorm removes). The loo input is computed in closed form (the code: K mixtures).
   - The paper's batch sizes were spread over 8 GPUs; with another total batch the learning rate is
     scaled by sqrt(batch / paper_batch), as the official configurations do (batch counts all processes).
   - --compile compiles the decoder and the refinement network in place (torch.autograd.grad inside
@@ -48,8 +48,7 @@ Commands
   Tetrominoes (K=4, no LSTM) and CLEVR6 from the DeepMind HDF5 file (128 px, K=7):
     python iodine.py --data tetrominoes
     python iodine.py --data /data/clevr_with_masks.h5 --batch-size 8
-  CPU, tiny preset (Tetrominoes at 32 px, K=4, 2000 steps; about 30 minutes on one core, and not yet
-  segmenting by then: see the README):
+  CPU, tiny preset (a smoke test: see the preset's comment and docs/iodine.md):
     python iodine.py --preset tiny
   Several GPUs (or CPU processes with gloo):
     torchrun --nproc_per_node=8 iodine.py --data shapes --batch-size 16
@@ -111,7 +110,8 @@ DATA_DEFAULTS = {
 }
 # Flags that define the network: --eval-only and --resume take them from the checkpoint.
 ARCH_KEYS = ("resolution", "num_slots", "latent_dim", "dec_channels", "dec_kernel", "ref_channels", "ref_kernel",
-             "ref_layers", "ref_mlp", "lstm_hidden", "coord", "iters", "sigma", "prior_scale", "data")
+             "ref_layers", "ref_mlp", "lstm_hidden", "coord", "iters", "likelihood", "pixel_scale", "prior_scale",
+             "data")
 
 
 def parse_args(argv=None):
@@ -137,9 +137,16 @@ def parse_args(argv=None):
     a("--no-lstm", action="store_true", help="drop the refinement LSTM (same as --lstm-hidden 0)")
     a("--coord", choices=["linear", "cos"], default=None,
       help="coordinate channels of the refinement inputs: 2 linear, or 8 cosine basis functions")
-    a("--sigma", type=float, default=0.1, help="fixed std of the Gaussian pixel likelihood (images in [0, 1])")
-    a("--prior-scale", type=float, default=1.0,
-      help="std of the N(0, s^2) latent prior (1: paper; 0.8326 = sqrt(ln 2): official code)")
+    a("--likelihood", choices=["logistic", "gaussian"], default="logistic",  # configurations.py: "logistic"
+      help="pixel distribution of each component (logistic: official code; gaussian: common reimplementations)")
+    a("--pixel-scale", type=float, default=None,  # configurations.py: scale "fixed", scale_val 0.03
+      help="fixed scale of the pixel distribution, images in [0, 1] (None: 0.03 logistic, 0.1 gaussian)")
+    a("--prior-scale", type=float, default=math.sqrt(math.log(2)),  # modules/distributions.py get_default_prior
+      help="std of the N(0, s^2) latent prior (official code: sqrt(ln 2) = 0.8326; the paper's text: 1)")
+    a("--init", choices=["sonnet", "torch"], default="sonnet",
+      help="weight initialisation: Sonnet's (official code) or PyTorch's defaults")
+    a("--plain-decoder", action="store_true",
+      help="tile the latent and convolve it (the textbook computation) instead of the exact broadcast_conv")
     a("--batch-size", type=int, default=None, help="images per step and process (None: the paper's)")
     a("--steps", type=int, default=None, help="total optimiser steps")
     a("--lr", type=float, default=None,
@@ -173,6 +180,8 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.no_lstm:
         args.lstm_hidden = 0
+    if args.pixel_scale is None:
+        args.pixel_scale = 0.03 if args.likelihood == "logistic" else 0.1
     if args.batch_size is None:
         args.batch_size = defaults["paper_batch"]
     if args.lr is None:  # official configurations: lr x sqrt(batch / paper batch); torchrun's processes count
@@ -180,7 +189,7 @@ def parse_args(argv=None):
         args.lr = defaults["paper_lr"] * math.sqrt(total / defaults["paper_batch"])
     positive = ("resolution", "iters", "latent_dim", "dec_channels", "dec_kernel", "ref_channels", "ref_kernel",
                 "ref_layers", "batch_size", "steps", "log_every", "save_every", "eval_size", "decay_steps",
-                "sigma", "prior_scale")
+                "pixel_scale", "prior_scale")
     for k in positive:
         if getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
@@ -200,10 +209,16 @@ def parse_args(argv=None):
 
 # --- Model
 
+# The refinement inputs in the order they are concatenated (Table 3; official names in the docstring's table).
+SPATIAL_INPUTS = ("image", "means", "masks", "mask_logits", "dmeans", "dlogits", "posterior", "log_px", "loo",
+                  "coords", "capacity")
+FLAT_INPUTS = ("lam", "dlam", "flat_capacity")
+POSTERIOR_EPS = 1e-6  # deepmind-research iodine/modules/iodine.py _get_mask_posterior: p_k / (sum_j p_j + 1e-6)
+
 
 def coordinate_channels(h, w, kind="linear", freqs=3, device=None):
     """Coordinate channels (C, h, w): "linear" is [y, x] in [-1, 1]; "cos" the 2-D cosine basis
-    cos(f_x x) cos(f_y y), x, y in [0, pi], f in 0..freqs-1, without the constant one (freqs^2 - 1)."""
+    cos(f_y y) cos(f_x x), x, y in [0, pi], f in 0..freqs-1, without the constant one (freqs^2 - 1)."""
     if kind == "linear":
         y, x = torch.meshgrid(torch.linspace(-1, 1, h, device=device), torch.linspace(-1, 1, w, device=device),
                               indexing="ij")
@@ -215,15 +230,65 @@ def coordinate_channels(h, w, kind="linear", freqs=3, device=None):
     return basis[1:]  # (F*F - 1, h, w)
 
 
-class BroadcastDecoder(nn.Module):
-    """Spatial broadcast decoder (App. B): z tiled to H x W, + [y, x] in [-1, 1], 4 x conv SAME ELU,
-    conv -> 4 channels (RGB mean, mask logit). Every slot is decoded independently as part of B*K."""
+def pixel_log_likelihood(x, means, kind="logistic", scale=0.03):
+    """Per-slot, per-pixel log-likelihood with channels independent given the slot, (B, K, H, W) from
+    x (B, C, H, W) and means (B, K, C, H, W). "logistic" (the official configurations, fixed scale s = 0.03):
+    sum_c [-u - log s - 2 softplus(-u)], u = (x_c - mu_kc) / s; "gaussian": log N(x; mu_k, s^2 I)."""
+    if kind == "gaussian":
+        return losses.gaussian_log_likelihood(x, means, scale)
+    u = (x[:, None] - means) / scale  # (B, K, C, H, W)
+    return (-u - math.log(scale) - 2 * F.softplus(-u)).sum(dim=2)
 
-    def __init__(self, latent_dim, channels, kernel, resolution):
+
+def sonnet_init_(module):
+    """Sonnet 1's default initialisation, which the official code uses: weights truncated normal (at 2 std)
+    with std 1/sqrt(fan_in), biases 0; LSTM gate weights and biases at std 1/sqrt(input + hidden), plus
+    Sonnet's forget_bias 1 (added in its forward pass; a learned bias started 1 higher is the same model)."""
+    def trunc_(t, std):
+        nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_(m.weight, 1 / math.sqrt(m.weight[0].numel()))  # fan_in = in_channels * k * k, or in_features
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LSTMCell):
+            std = 1 / math.sqrt(m.input_size + m.hidden_size)
+            for t in (m.weight_ih, m.weight_hh, m.bias_ih):
+                trunc_(t, std)
+            nn.init.zeros_(m.bias_hh)  # PyTorch has two bias vectors; Sonnet one
+            with torch.no_grad():
+                m.bias_ih[m.hidden_size:2 * m.hidden_size] += 1.0  # forget gate (PyTorch order i, f, g, o)
+
+
+def broadcast_conv(conv, z, coords):
+    """conv(cat[tile(z), coords]) without tiling z (exact; --plain-decoder does the plain computation).
+
+    A tiled latent is constant in space and the convolution is linear, so with W = [W_z, W_P]:
+        conv(cat[tile(z), P])[n, o, p] = conv_{W_P}(P)[o, p] + b_o + sum_c z_nc R[o, c, p],
+        R[o, c, p] = sum of the taps of W_z[o, c] that fall inside the image around output pixel p
+    (the summed kernel in the interior, fewer taps within k//2 of a zero-padded border). conv_{W_P}(P) runs
+    once at batch 1; the z part is one (N, C) x (C, O*H*W) product instead of a k*k-tap convolution.
+    conv: nn.Conv2d with stride 1 and any zero padding; z (N, C); coords (P, H, W). Returns (N, O, H', W')."""
+    c, k, pad = z.shape[1], conv.kernel_size[0], conv.padding[0]
+
+    def inside(n):  # (n_out, k): 1 where the tap reads a pixel of the image, 0 where it reads zero padding
+        pos = torch.arange(n + 2 * pad - k + 1, device=z.device)[:, None] + torch.arange(k, device=z.device) - pad
+        return ((pos >= 0) & (pos < n)).to(z.dtype)
+
+    r = torch.einsum("ocij,yi,xj->ocyx", conv.weight[:, :c], inside(coords.shape[1]), inside(coords.shape[2]))
+    base = F.conv2d(coords[None].to(z.dtype), conv.weight[:, c:], conv.bias, padding=pad)  # (1, O, H', W')
+    return base + torch.einsum("nc,ocyx->noyx", z, r)  # r (O, C, H', W') -> (N, O, H', W')
+
+
+class BroadcastDecoder(nn.Module):
+    """Spatial broadcast decoder (App. B): [z, 5.0] tiled to H x W, + [y, x] in [-1, 1], 4 x conv SAME ELU,
+    conv -> 4 channels (RGB mean, mask logit). The constant unit 5.0 is the official decode()'s ("legacy").
+    Every slot is decoded independently as part of B*K."""
+
+    def __init__(self, latent_dim, channels, kernel, resolution, plain=False):
         super().__init__()
-        self.resolution = resolution
+        self.resolution, self.plain = resolution, plain
         self.register_buffer("coords", coordinate_channels(resolution, resolution), persistent=False)  # (2, H, W)
-        layers, c = [], latent_dim + 2
+        layers, c = [], latent_dim + 1 + 2
         for _ in range(4):
             layers += [nn.Conv2d(c, channels, kernel, padding=kernel // 2), nn.ELU()]
             c = channels
@@ -232,17 +297,21 @@ class BroadcastDecoder(nn.Module):
 
     def forward(self, z):
         b, k, _ = z.shape
-        x = repeat(z, "b k d -> (b k) d h w", h=self.resolution, w=self.resolution)  # (B*K, Z, H, W)
-        x = torch.cat([x, self.coords.expand(b * k, -1, -1, -1).to(x.dtype)], dim=1)  # (B*K, Z+2, H, W)
-        x = rearrange(self.cnn(x), "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
+        z = torch.cat([z, torch.full_like(z[..., :1], 5.0)], dim=-1).flatten(0, 1)  # (B*K, Z+1)
+        if self.plain:  # the textbook computation: tile, append the coordinates, convolve
+            x = repeat(z, "n d -> n d h w", h=self.resolution, w=self.resolution)  # (B*K, Z+1, H, W)
+            x = self.cnn[0](torch.cat([x, self.coords.expand(len(z), -1, -1, -1).to(x.dtype)], dim=1))
+        else:
+            x = broadcast_conv(self.cnn[0], z, self.coords)  # (B*K, channels, H, W), the same numbers
+        x = rearrange(self.cnn[1:](x), "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
         return x[:, :, :3], x[:, :, 3]  # means (B, K, 3, H, W), mask logits (B, K, H, W)
 
 
 class RefinementNetwork(nn.Module):
     """f_phi (Sec. 2.2, Fig. 3): strided ELU CNN over the image-sized inputs, average pooling, MLP;
-    then [h, lambda, LN(dL/dlambda)], the LSTM (optional) and a linear head giving the update of lambda."""
+    then [h, flat inputs], the LSTM (optional) and a linear head giving the update of lambda."""
 
-    def __init__(self, in_channels, lam_dim, channels, kernel, layers, mlp, lstm_hidden):
+    def __init__(self, in_channels, flat_dim, lam_dim, channels, kernel, layers, mlp, lstm_hidden):
         super().__init__()
         convs, c = [], in_channels
         for _ in range(layers):
@@ -253,14 +322,13 @@ class RefinementNetwork(nn.Module):
         for i in range(len(mlp)):  # ELU between layers, none after the last (the code's snt MLP)
             mlp_layers += [nn.Linear(widths[i], widths[i + 1])] + ([nn.ELU()] if i < len(mlp) - 1 else [])
         self.mlp = nn.Sequential(*mlp_layers)
-        flat = mlp[-1] + 2 * lam_dim
-        self.lstm = nn.LSTMCell(flat, lstm_hidden) if lstm_hidden else None
-        self.head = nn.Linear(lstm_hidden or flat, lam_dim)
+        self.lstm = nn.LSTMCell(mlp[-1] + flat_dim, lstm_hidden) if lstm_hidden else None
+        self.head = nn.Linear(lstm_hidden or mlp[-1] + flat_dim, lam_dim)
 
-    def forward(self, spatial, lam, dlam, state=None):
-        """spatial (B*K, C, H, W); lam, dlam (B*K, 2Z); state: LSTM (h, c) or None. Returns (update, state)."""
-        h = self.mlp(self.cnn(spatial).mean(dim=(2, 3)))  # average pool: (B*K, ref_channels) -> (B*K, mlp[-1])
-        h = torch.cat([h, lam.to(h.dtype), dlam.to(h.dtype)], dim=1)  # (B*K, mlp[-1] + 4Z)
+    def forward(self, spatial, flat, state=None):
+        """spatial (B*K, C, H, W); flat (B*K, F); state: LSTM (h, c) or None. Returns (update, state)."""
+        h = self.mlp(self.cnn(spatial).mean(dim=(2, 3)))  # average pool: (B*K, channels) -> (B*K, mlp[-1])
+        h = torch.cat([h, flat.to(h.dtype)], dim=1)  # (B*K, mlp[-1] + F)
         if self.lstm is not None:
             state = self.lstm(h, state)
             h = state[0]  # (B*K, lstm_hidden)
@@ -285,26 +353,34 @@ def leave_one_out_log_likelihood(mask_logits, log_lik):
     return logsumexp_others(mask_logits + log_lik) - logsumexp_others(mask_logits)  # (B, K, H, W)
 
 
+def mask_posterior(log_lik):
+    """p(x | mu_k) / (sum_j p(x | mu_j) + eps) (B, K, H, W), the official form, computed stably as
+    softmax_k(l) * S / (S + eps) = softmax_k(l) * sigmoid(log S - log eps) with log S = LSE_j(l_j)."""
+    return log_lik.softmax(dim=1) * torch.sigmoid(log_lik.logsumexp(dim=1, keepdim=True) - math.log(POSTERIOR_EPS))
+
+
 class IODINE(nn.Module):
     """Decoder + refinement network + learned initial posterior; forward runs the T refinement steps."""
 
     def __init__(self, resolution=64, num_slots=6, latent_dim=16, dec_channels=32, dec_kernel=5, ref_channels=32,
-                 ref_kernel=5, ref_layers=3, ref_mlp=(128,), lstm_hidden=128, coord="cos", iters=5, sigma=0.1,
-                 prior_scale=1.0):
+                 ref_kernel=5, ref_layers=3, ref_mlp=(128,), lstm_hidden=128, coord="cos", iters=5,
+                 likelihood="logistic", pixel_scale=0.03, prior_scale=math.sqrt(math.log(2)), init="sonnet",
+                 plain_decoder=False):
         super().__init__()
         self.num_slots, self.latent_dim, self.iters = num_slots, latent_dim, iters
-        self.sigma, self.prior_logvar = sigma, 2 * math.log(prior_scale)
-        bound = math.sqrt(3 / (2 * latent_dim))  # Glorot-uniform of a (2Z,) variable, as tf.get_variable
-        self.lambda0 = nn.Parameter(torch.empty(2 * latent_dim).uniform_(-bound, bound))  # (mu, s), all slots
-        self.decoder = BroadcastDecoder(latent_dim, dec_channels, dec_kernel, resolution)
+        self.likelihood, self.pixel_scale, self.prior_logvar = likelihood, pixel_scale, 2 * math.log(prior_scale)
+        self.decoder = BroadcastDecoder(latent_dim, dec_channels, dec_kernel, resolution, plain_decoder)
         self.register_buffer("coords", coordinate_channels(resolution, resolution, coord), persistent=False)
         # Spatial inputs per slot: image 3, means 3, mask 1, mask logit 1, dmeans 3, dlogit 1, posterior 1,
-        # log p(x) 1, leave-one-out 1, coordinates.
-        in_channels = 15 + self.coords.shape[0]
-        self.refine = RefinementNetwork(in_channels, 2 * latent_dim, ref_channels, ref_kernel, ref_layers,
-                                        list(ref_mlp), lstm_hidden)
+        # log p(x) 1, leave-one-out 1, coordinates, capacity 1; flat: lambda 2Z, dL/dlambda 2Z, capacity 1.
+        self.refine = RefinementNetwork(16 + self.coords.shape[0], 4 * latent_dim + 1, 2 * latent_dim, ref_channels,
+                                        ref_kernel, ref_layers, list(ref_mlp), lstm_hidden)
+        if init == "sonnet":
+            sonnet_init_(self)
+        bound = math.sqrt(3 / (2 * latent_dim))  # Glorot-uniform of a (2Z,) variable, as tf.get_variable
+        self.lambda0 = nn.Parameter(torch.empty(2 * latent_dim).uniform_(-bound, bound))  # (mu, s), all slots
         # LayerNorm of the stop-gradient inputs (Sec. 2.2): over (C, H, W) of each slot, per-channel affine
-        # (GroupNorm with one group is exactly that); over the 2Z entries for dL/dlambda.
+        # (GroupNorm with one group is exactly snt.LayerNorm on (H*W, C)); over the 2Z entries for dL/dlambda.
         self.norms = nn.ModuleDict({"dmeans": nn.GroupNorm(1, 3), "dlogits": nn.GroupNorm(1, 1),
                                     "log_px": nn.GroupNorm(1, 1), "loo": nn.GroupNorm(1, 1)})
         self.norm_dlam = nn.LayerNorm(2 * latent_dim)
@@ -315,17 +391,32 @@ class IODINE(nn.Module):
         var = F.softplus(s)
         z = mu + var.sqrt() * noise  # (B, K, Z), reparameterised
         means, logits = self.decoder(z)  # (B, K, 3, H, W), (B, K, H, W)
-        log_lik = losses.gaussian_log_likelihood(image, means.float(), self.sigma)  # (B, K, H, W)
+        log_lik = pixel_log_likelihood(image, means.float(), self.likelihood, self.pixel_scale)  # (B, K, H, W)
         log_px = torch.logsumexp(F.log_softmax(logits.float(), dim=1) + log_lik, dim=1)  # (B, H, W) mixture
-        nll = -log_px.flatten(1).sum(dim=1)  # (B,): losses.mixture_nll, reusing the per-slot log_lik
+        nll = -log_px.flatten(1).sum(dim=1)  # (B,)
         kl = losses.kl_diag_gaussian(mu, var.log(), 0.0, self.prior_logvar).sum(dim=(1, 2))  # (B,)
         return dict(means=means, logits=logits, log_lik=log_lik, log_px=log_px, nll=nll, kl=kl, mu=mu)
 
-    def refinement_inputs(self, image, dec, grads):
-        """The inputs a_k of Table 3, named: spatial ones (B, K, C, H, W), flat ones (B, K, 2Z)."""
+    def decode_with_grads(self, image, lam, noise, refine):
+        """One decode and, if a refinement follows, the first-order gradients dL/d(means, mask logits, lambda)
+        of its loss L = sum_b (NLL + KL) (constants: no second-order graph). Training keeps the graph of the
+        decode for the final loss; evaluation (no_grad) builds a graph from this lambda alone, frees it at once,
+        and returns detached values."""
+        training = torch.is_grad_enabled()
+        with torch.set_grad_enabled(training or refine):
+            if refine and not training:
+                lam = lam.detach().requires_grad_()
+            dec = self.decode(image, lam, noise)
+            grads = torch.autograd.grad((dec["nll"] + dec["kl"]).sum(), [dec["means"], dec["logits"], lam],
+                                        retain_graph=training) if refine else None
+        return (dec if training else {k: v.detach() for k, v in dec.items()}), grads
+
+    def refinement_inputs(self, image, lam, dec, grads):
+        """The inputs a_k of Table 3 by name: spatial (B, K, C, H, W), flat (B, K, F). The gradient, log p(x)
+        and leave-one-out inputs are stop-gradient and LayerNorm-ed."""
         dmeans, dlogits, dlam = grads  # constants: autograd.grad without create_graph
-        b, k = dec["logits"].shape[:2]
-        with torch.no_grad():  # likelihood and leave-one-out inputs are stop-gradient
+        b, k, h, w = dec["logits"].shape
+        with torch.no_grad():
             log_px = dec["log_px"].unsqueeze(1)  # (B, 1, H, W)
             loo = log_px - leave_one_out_log_likelihood(dec["logits"].float(), dec["log_lik"])  # (B, K, H, W)
 
@@ -333,67 +424,55 @@ class IODINE(nn.Module):
             return self.norms[name](x.flatten(0, 1).float()).view(x.shape)
 
         expand = lambda x: x.expand(b, k, *x.shape[2:])  # noqa: E731  (B, 1, ...) -> (B, K, ...)
+        half = image.new_full((1, 1, 1), 0.5)  # the official constant "capacity" inputs (0.5, "legacy")
         return dict(
             image=expand(image.unsqueeze(1)), means=dec["means"], masks=dec["logits"].softmax(dim=1).unsqueeze(2),
             mask_logits=dec["logits"].unsqueeze(2), dmeans=norm("dmeans", dmeans),
-            dlogits=norm("dlogits", dlogits.unsqueeze(2)),
-            posterior=dec["log_lik"].softmax(dim=1).unsqueeze(2),  # p(x|mu_k) / sum_j p(x|mu_j)
+            dlogits=norm("dlogits", dlogits.unsqueeze(2)), posterior=mask_posterior(dec["log_lik"]).unsqueeze(2),
             log_px=expand(self.norms["log_px"](log_px).unsqueeze(1)), loo=norm("loo", loo.unsqueeze(2)),
-            coords=self.coords.expand(b, k, -1, -1, -1), dlam=self.norm_dlam(dlam.float()))
+            coords=self.coords.expand(b, k, -1, -1, -1), capacity=half.expand(b, k, 1, h, w),
+            lam=lam, dlam=self.norm_dlam(dlam.float()), flat_capacity=half.expand(b, k, 1))
 
     def forward(self, image, noise=None, keep_inputs=False):
-        """image (B, 3, H, W) in [0, 1]; noise: optional (T+1, B, K, Z) standard normal draws.
-
-        Returns the last decode (recon, means, masks, mask logits, posterior means "slots"), per-step NLL and
-        KL (T+1, B), per-step masks (detached) and, with keep_inputs, each step's refinement inputs.
-        Under torch.no_grad (evaluation) the refinement still needs dL/dlambda: each step then builds a
-        local graph from its own lambda only, which is freed at once.
-        """
-        b, t_max = image.shape[0], self.iters
+        """image (B, 3, H, W) in [0, 1]; noise: optional (T+1, B, K, Z) standard normal draws. The IODINE loop
+        (Sec. 2.2): decode lambda^t, score it, feed the feedback a^t to f_phi, add the update; T times."""
+        b = image.shape[0]
         if noise is None:
-            noise = torch.randn(t_max + 1, b, self.num_slots, self.latent_dim, device=image.device)
-        training_graph = torch.is_grad_enabled()
-        lam = repeat(self.lambda0, "p -> b k p", b=b, k=self.num_slots)  # (B, K, 2Z)
-        state, nll, kl, iter_masks, inputs = None, [], [], [], []
-        for t in range(t_max + 1):
-            with torch.set_grad_enabled(training_graph or t < t_max):  # eval: the last decode needs no graph
-                if not training_graph and t < t_max:
-                    lam = lam.detach().requires_grad_()
-                dec = self.decode(image, lam, noise[t])
-                if t < t_max:  # dL/d(means, mask logits, lambda) of this step's loss, first order only
-                    grads = torch.autograd.grad((dec["nll"] + dec["kl"]).sum(), [dec["means"], dec["logits"], lam],
-                                                retain_graph=training_graph)
-            keep = (lambda x: x) if training_graph else torch.Tensor.detach  # noqa: E731  eval: free each graph
-            nll.append(keep(dec["nll"]))
-            kl.append(keep(dec["kl"]))
-            iter_masks.append(dec["logits"].detach().float().softmax(dim=1))  # (B, K, H, W)
-            if t == t_max:
+            noise = torch.randn(self.iters + 1, b, self.num_slots, self.latent_dim, device=image.device)
+        lam = repeat(self.lambda0, "p -> b k p", b=b, k=self.num_slots)  # lambda^0: one learned vector, all slots
+        state, decodes, inputs = None, [], []
+        for t in range(self.iters + 1):
+            dec, grads = self.decode_with_grads(image, lam, noise[t], refine=t < self.iters)
+            decodes.append(dec)
+            if t == self.iters:
                 break
-            with torch.set_grad_enabled(training_graph):
-                a = self.refinement_inputs(image, dec, grads)
-                spatial = torch.cat([a[n] for n in ("image", "means", "masks", "mask_logits", "dmeans", "dlogits",
-                                                    "posterior", "log_px", "loo", "coords")], dim=2)
-                update, state = self.refine(spatial.flatten(0, 1), lam.flatten(0, 1), a["dlam"].flatten(0, 1),
-                                            state)  # (B*K, C, H, W) -> (B*K, 2Z)
-                lam = lam + update.float().view_as(lam)  # lambda_k <- lambda_k + f_phi(...)
-            if keep_inputs:
-                inputs.append(a)
-        masks = iter_masks[-1] if not training_graph else dec["logits"].float().softmax(dim=1)  # (B, K, H, W)
-        means = dec["means"].float()  # (B, K, 3, H, W)
+            a = self.refinement_inputs(image, lam, dec, grads)
+            spatial = torch.cat([a[n] for n in SPATIAL_INPUTS], dim=2).flatten(0, 1)  # (B*K, C, H, W)
+            flat = torch.cat([a[n] for n in FLAT_INPUTS], dim=-1).flatten(0, 1)  # (B*K, 4Z + 1)
+            update, state = self.refine(spatial, flat, state)
+            lam = lam + update.float().view_as(lam)  # lambda_k <- lambda_k + f_phi(z_k, x, a_k)
+            inputs.append(a)
+        return self.outputs(decodes, inputs if keep_inputs else None)
+
+    @staticmethod
+    def outputs(decodes, inputs=None):
+        """The last decode (recon, means, masks, mask logits, per-slot log-likelihoods, posterior means "slots"),
+        per-step NLL and KL (T+1, B), per-step masks (detached) and, if kept, each step's refinement inputs."""
+        last = decodes[-1]
+        masks, means = last["logits"].float().softmax(dim=1), last["means"].float()  # (B, K, H, W), (B, K, 3, H, W)
         out = dict(recon=(masks.unsqueeze(2) * means).sum(dim=1), means=means, masks=masks,
-                   mask_logits=dec["logits"], slots=dec["mu"], nll=torch.stack(nll), kl=torch.stack(kl),
-                   iter_masks=iter_masks)
-        if keep_inputs:
+                   mask_logits=last["logits"], log_lik=last["log_lik"], slots=last["mu"],
+                   nll=torch.stack([d["nll"] for d in decodes]), kl=torch.stack([d["kl"] for d in decodes]),
+                   iter_masks=[d["logits"].detach().float().softmax(dim=1) for d in decodes])
+        if inputs is not None:
             out["inputs"] = inputs
-        if not training_graph:
-            out = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
         return out
 
 
 def build_model(args):
     return IODINE(args.resolution, args.num_slots, args.latent_dim, args.dec_channels, args.dec_kernel,
                   args.ref_channels, args.ref_kernel, args.ref_layers, args.ref_mlp, args.lstm_hidden, args.coord,
-                  args.iters, args.sigma, args.prior_scale)
+                  args.iters, args.likelihood, args.pixel_scale, args.prior_scale, args.init, args.plain_decoder)
 
 
 # --- Objective
@@ -407,7 +486,7 @@ def iteration_weights(iters):
 def compute_loss(out, image, args):
     """Named loss terms and their total (arXiv 1903.00450 eq. 5 with the code's linspace weights):
 
-    loss = sum_{t=0..T} (t/T) (NLL_t + KL_t),  NLL_t = -sum_pixels log sum_k m_k N(x; mu_k, sigma^2),
+    loss = sum_{t=0..T} (t/T) (NLL_t + KL_t),  NLL_t = -sum_pixels log sum_k m_k p(x | mu_k),
     KL_t = sum_k KL(q(z_k | lambda_k^t) || N(0, s^2 I)); each averaged over the batch.
     nll_t and kl_t are logged for every step; mse is that of the final reconstruction.
     """
@@ -465,37 +544,42 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dt, enabled=dt is not None)
 
 
+def plateau_diagnostics(true_mask, masks, log_lik, num_background):
+    """Two per-image (B,) measures that move before FG-ARI does. mask_std: the std of each slot's mask over the
+    pixels, averaged over slots (0 for uniform masks, the colour plateau). colour_fg_ari: FG-ARI of the colour
+    posterior, each pixel assigned to argmax_k p(x | mu_k), the slot whose mean explains its colour best."""
+    return {"mask_std": masks.flatten(2).float().std(dim=2).mean(dim=1),  # (B, K, H*W) -> (B,)
+            "colour_fg_ari": metrics.fg_ari(true_mask, log_lik, num_background)}
+
+
 @torch.no_grad()
 def evaluate(model, dataset, args, device, split_seed=1234):
-    """Segmentation metrics of the last decode's masks, FG-ARI after every refinement step, and the final
-    MSE and NLL on the first `eval_size` images of `dataset`. RNG is forked so evaluation never changes
-    training."""
+    """Segmentation metrics of the last decode's masks, FG-ARI after every refinement step, the plateau
+    diagnostics, and the final MSE and NLL on the first `eval_size` images of `dataset`. RNG is forked so
+    evaluation never changes training."""
     model.eval()
     n = min(args.eval_size, len(dataset))
     loader = data.make_loader(torch.utils.data.Subset(dataset, range(n)), args.batch_size, shuffle=False)
-    per_image, mse, nll, first = {}, [], [], None
+    per_image, first = {}, None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(split_seed)
         for batch in loader:
             image = batch["image"].to(device)
             with autocast(device, args.dtype):
                 out = model(image)
-            mse.append(((out["recon"] - image) ** 2).mean(dim=(1, 2, 3)).cpu())
-            nll.append(out["nll"][-1].float().cpu())
+            m = {"mse": ((out["recon"] - image) ** 2).mean(dim=(1, 2, 3)), "nll": out["nll"][-1].float()}
             if first is None:
                 first = (image, out)
             if dataset_has_masks(dataset):
-                nb = base(dataset).num_background
-                m = metrics.segmentation_metrics(batch["mask"], out["masks"].cpu(), nb)
+                nb, true = base(dataset).num_background, batch["mask"]
+                m |= metrics.segmentation_metrics(true, out["masks"].cpu(), nb)
+                m |= plateau_diagnostics(true, out["masks"].cpu(), out["log_lik"].cpu(), nb)
                 for t, masks_t in enumerate(out["iter_masks"]):  # the refinement at work
-                    m[f"fg_ari_iter_{t}"] = metrics.segmentation_metrics(batch["mask"], masks_t.cpu(), nb)["fg_ari"]
-                for k, v in m.items():
-                    per_image.setdefault(k, []).append(v)
+                    m[f"fg_ari_iter_{t}"] = metrics.fg_ari(true, masks_t.cpu(), nb)
+            for k, v in m.items():
+                per_image.setdefault(k, []).append(v.cpu())
     model.train()
-    result = metrics.average_metrics({k: torch.cat(v) for k, v in per_image.items()}) if per_image else {}
-    result["mse"] = torch.cat(mse).mean().item()
-    result["nll"] = torch.cat(nll).mean().item()
-    return result, first
+    return metrics.average_metrics({k: torch.cat(v) for k, v in per_image.items()}), first
 
 
 def base(dataset):
@@ -508,9 +592,10 @@ def dataset_has_masks(dataset):
 
 
 def write_samples(path, image, out):
-    """The final decomposition: input, reconstruction, argmax of the masks, each slot's mean under its mask."""
+    """The final decomposition: input, reconstruction, argmax of the masks, the colour posterior
+    argmax_k p(x | mu_k), each slot's mean under its mask."""
     data.save_grid(path, image.cpu(), out["recon"].clamp(0, 1).cpu(), out["masks"].cpu(),
-                   out["means"].clamp(0, 1).cpu())
+                   out["means"].clamp(0, 1).cpu(), extra_masks=[out["log_lik"].cpu()])
 
 
 def peak_memory_mb(device):

@@ -60,13 +60,13 @@ def test_shapes_of_outputs_and_every_refinement_input(coord, nc):
     assert len(out["iter_masks"]) == 3 and len(out["inputs"]) == 2  # T refinement steps
     torch.testing.assert_close(out["masks"].sum(1), torch.ones(2, 16, 16))
     expected = {"image": 3, "means": 3, "masks": 1, "mask_logits": 1, "dmeans": 3, "dlogits": 1, "posterior": 1,
-                "log_px": 1, "loo": 1, "coords": nc}
+                "log_px": 1, "loo": 1, "coords": nc, "capacity": 1}
     for a in out["inputs"]:
-        assert set(a) == set(expected) | {"dlam"}
+        assert set(a) == set(expected) | {"lam", "dlam", "flat_capacity"}
         for name, c in expected.items():
             assert a[name].shape == (2, 3, c, 16, 16), name
-        assert a["dlam"].shape == (2, 3, 8)  # dL/dlambda, lambda = (mu, s)
-        torch.testing.assert_close(a["posterior"].sum(1), torch.ones(2, 1, 16, 16))
+        assert a["lam"].shape == a["dlam"].shape == (2, 3, 8)  # lambda = (mu, s) and dL/dlambda
+        assert a["posterior"].sum(1).max() <= 1
         assert torch.equal(a["image"][:, 1], images(2))  # the same image for every slot
 
 
@@ -85,17 +85,18 @@ def test_leave_one_out_equals_direct_k_loop():
     torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-5)
 
 
-def test_mixture_nll_and_kl_match_the_shared_losses():
-    model, args = model_and_args()
+def test_gaussian_mixture_nll_and_kl_match_the_shared_losses():
+    model, args = model_and_args("--likelihood", "gaussian", "--prior-scale", "0.7")
+    assert args.pixel_scale == 0.1
     x, lam = images(2), torch.randn(2, 3, 8)
     noise = torch.randn(2, 3, 4)
     dec = model.decode(x, lam, noise)
-    nll = losses.mixture_nll(x, dec["means"], torch.log_softmax(dec["logits"], 1), args.sigma)
+    nll = losses.mixture_nll(x, dec["means"], torch.log_softmax(dec["logits"], 1), args.pixel_scale)
     torch.testing.assert_close(dec["nll"], nll)
     mu, s = lam.chunk(2, -1)
     var = torch.nn.functional.softplus(s)
     q = torch.distributions.Normal(mu, var.sqrt())
-    torch.testing.assert_close(dec["kl"], torch.distributions.kl_divergence(q, torch.distributions.Normal(0., 1.))
+    torch.testing.assert_close(dec["kl"], torch.distributions.kl_divergence(q, torch.distributions.Normal(0., .7))
                                .sum((1, 2)))
 
 
@@ -124,7 +125,7 @@ def test_stop_gradient_inputs_are_detached(monkeypatch):
     assert calls == [False, False]  # one first-order gradient per refinement step, no second-order graph
     dec_params = list(model.decoder.parameters()) + [model.lambda0]
     for a in out["inputs"]:
-        constants = sum(a[n].sum() for n in ("dmeans", "dlogits", "log_px", "loo", "dlam"))  # up to their LayerNorm
+        constants = sum(a[n].sum() for n in ("dmeans", "dlogits", "log_px", "loo", "dlam", "capacity"))  # up to LN
         g = real(constants, dec_params, retain_graph=True, allow_unused=True)
         assert all(gi is None for gi in g)
         for name in ("means", "masks", "mask_logits", "posterior"):  # these carry the gradient
@@ -280,7 +281,7 @@ def test_bad_input_is_one_line_error(tmp_path, extra, needle):
 
 
 @pytest.mark.parametrize("extra,needle", [(["--dec-kernel", "4"], "must be odd"),
-                                          (["--sigma", "0"], "--sigma must be positive"),
+                                          (["--pixel-scale", "0"], "--pixel-scale must be positive"),
                                           (["--ref-mlp", "16", "0"], "widths must be positive")])
 def test_impossible_flags_are_refused(extra, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -340,7 +341,7 @@ def test_cuda_bf16_compile(tmp_path):
 # receives is hooked and cut by this file's own layout, not iodine.py's.
 def spatial_layout(nc):
     return [("image", 3), ("means", 3), ("masks", 1), ("mask_logits", 1), ("dmeans", 3), ("dlogits", 1),
-            ("posterior", 1), ("log_px", 1), ("loo", 1), ("coords", nc)]
+            ("posterior", 1), ("log_px", 1), ("loo", 1), ("coords", nc), ("capacity", 1)]
 
 
 def coords_formula(kind, h, w):
@@ -363,9 +364,13 @@ def layer_norm(v, dims, weight=None, bias=None, eps=1e-5):
 
 
 def pixel_log_lik(x, means, args):
-    """log N(x; mu_k, sigma^2), summed over channels: (B, K, H, W)."""
-    u = (x[:, None] - means) / args.sigma
-    return (-0.5 * u ** 2 - math.log(args.sigma) - 0.5 * math.log(2 * math.pi)).sum(2)
+    """log p(x_c | mu_kc) summed over channels (B, K, H, W): the logistic density s^-1 e^-u / (1 + e^-u)^2,
+    u = (x - mu) / s, or the Gaussian one."""
+    s = args.pixel_scale
+    u = (x[:, None] - means) / s
+    if args.likelihood == "logistic":
+        return torch.log(torch.exp(-u) / (s * (1 + torch.exp(-u)) ** 2)).sum(2)
+    return torch.log(torch.exp(-0.5 * u ** 2) / (s * math.sqrt(2 * math.pi))).sum(2)
 
 
 def expected_inputs(model, args, x, lam, noise):
@@ -392,7 +397,7 @@ def expected_inputs(model, args, x, lam, noise):
     loo = torch.stack(loo, 1).unsqueeze(2)  # (B, K, 1, H, W)
     n = {name: (m.weight.double(), m.bias.double()) for name, m in model.norms.items()}
     b, _, h, w = x.shape
-    post = log_lik.exp() / log_lik.exp().sum(1, keepdim=True)
+    post = log_lik.exp() / (log_lik.exp().sum(1, keepdim=True) + 1e-6)  # the official mask posterior
     return dict(
         image=xd[:, None].expand(b, k, 3, h, w), means=means, masks=masks[:, :, None], mask_logits=logits[:, :, None],
         dmeans=layer_norm(dmeans, (2, 3, 4), *n["dmeans"]), dlogits=layer_norm(dlogits[:, :, None], (2, 3, 4),
@@ -400,13 +405,16 @@ def expected_inputs(model, args, x, lam, noise):
         posterior=post[:, :, None], log_px=layer_norm(log_px[:, None, None], (2, 3, 4), *n["log_px"]).expand(
             b, k, 1, h, w), loo=layer_norm(loo, (2, 3, 4), *n["loo"]),
         coords=coords_formula(args.coord, h, w).double().expand(b, k, -1, h, w),
-        dlam=layer_norm(dlam, (2,)) * model.norm_dlam.weight.double() + model.norm_dlam.bias.double())
+        capacity=torch.full((b, k, 1, h, w), 0.5, dtype=torch.double),
+        flat=torch.cat([lam, layer_norm(dlam, (2,)) * model.norm_dlam.weight.double() + model.norm_dlam.bias.double(),
+                        torch.full((b, k, 1), 0.5, dtype=torch.double)], -1))
 
 
 def check_refinement_inputs(model, args, x, noise):
     """Run the model with a hook on the refinement network and compare every input block of every step."""
     seen = []
-    hook = model.refine.register_forward_pre_hook(lambda m, a: seen.append([t.detach().clone() for t in a[:3]]))
+    hook = model.refine.register_forward_pre_hook(lambda m, a: seen.append([t.detach().clone() if torch.is_tensor(t)
+                                                                           else t for t in a]))
     try:
         model(x, noise)
     finally:
@@ -414,8 +422,7 @@ def check_refinement_inputs(model, args, x, noise):
     b, k = x.shape[0], args.num_slots
     assert len(seen) == args.iters
     lam = model.lambda0.detach().expand(b, k, -1)
-    for t, (spatial, lam_in, dlam_in) in enumerate(seen):
-        torch.testing.assert_close(lam_in.view(b, k, -1), lam)  # the refinement sees the current lambda
+    for t, (spatial, flat, state) in enumerate(seen):
         want = expected_inputs(model, args, x, lam, noise[t])
         spatial = spatial.view(b, k, *spatial.shape[1:])  # (B, K, C, H, W)
         start = 0
@@ -424,8 +431,9 @@ def check_refinement_inputs(model, args, x, noise):
                                        msg=lambda m: f"step {t}, input {name}: {m}")
             start += c
         assert start == spatial.shape[2]
-        torch.testing.assert_close(dlam_in.view(b, k, -1).double(), want["dlam"], atol=2e-4, rtol=1e-4)
-        lam = lam + model.refine(spatial.flatten(0, 1), lam_in, dlam_in)[0].view(b, k, -1)  # next step's lambda
+        # flat: [lambda, LN(dL/dlambda), capacity 0.5]
+        torch.testing.assert_close(flat.view(b, k, -1).double(), want["flat"], atol=2e-4, rtol=1e-4)
+        lam = lam + model.refine(spatial.flatten(0, 1), flat, state)[0].view(b, k, -1)  # next step's lambda
 
 
 def perturbed_model(*extra):
@@ -438,9 +446,97 @@ def perturbed_model(*extra):
     return model, args
 
 
-@pytest.mark.parametrize("extra", [["--coord", "cos"], ["--coord", "linear", "--no-lstm"]])
+@pytest.mark.parametrize("extra", [["--coord", "cos"], ["--coord", "linear", "--no-lstm", "--likelihood", "gaussian"]])
 def test_every_refinement_input_equals_its_formula(extra):
     model, args = perturbed_model(*extra)
     torch.manual_seed(3)
     x, noise = images(2), torch.randn(args.iters + 1, 2, args.num_slots, args.latent_dim)
     check_refinement_inputs(model, args, x, noise)
+
+
+def test_swapped_refinement_inputs_are_caught(monkeypatch):
+    model, args = perturbed_model()
+    x, noise = images(2), torch.randn(args.iters + 1, 2, args.num_slots, args.latent_dim)
+    order = list(io.SPATIAL_INPUTS)
+    i, j = order.index("masks"), order.index("posterior")
+    order[i], order[j] = order[j], order[i]
+    monkeypatch.setattr(io, "SPATIAL_INPUTS", tuple(order))
+    with pytest.raises(AssertionError, match="input masks"):
+        check_refinement_inputs(model, args, x, noise)
+
+
+def test_logistic_log_likelihood_against_torch_distributions():
+    torch.manual_seed(0)
+    x, means = torch.rand(2, 3, 5, 4), torch.rand(2, 3, 3, 5, 4) * 1.4 - 0.2
+    # the logistic distribution as an affine map of the logit of a uniform variable
+    d = torch.distributions.TransformedDistribution(
+        torch.distributions.Uniform(0., 1.), [torch.distributions.SigmoidTransform().inv,
+                                             torch.distributions.AffineTransform(means, 0.03)])
+    want = d.log_prob(x[:, None].expand_as(means)).sum(2)  # (B, K, H, W)
+    torch.testing.assert_close(io.pixel_log_likelihood(x, means, "logistic", 0.03), want, atol=1e-4, rtol=1e-5)
+    assert io.pixel_log_likelihood(x, x[:, None], "logistic", 0.03).max() == pytest.approx(3 * -math.log(4 * 0.03))
+
+
+def test_sonnet_initialisation():
+    model, _ = model_and_args("--dec-channels", "64", "--lstm-hidden", "64")
+    trunc_std = 0.8796  # std of a standard normal truncated at +-2
+    conv = model.decoder.cnn[2]  # 64 -> 64, 3x3: fan_in 576
+    std = 1 / math.sqrt(64 * 9)
+    assert conv.weight.std().item() == pytest.approx(trunc_std * std, rel=0.05)
+    assert conv.weight.abs().max() <= 2 * std and not conv.bias.any()
+    lstm = model.refine.lstm
+    h, std = lstm.hidden_size, 1 / math.sqrt(lstm.input_size + lstm.hidden_size)
+    assert lstm.weight_hh.std().item() == pytest.approx(trunc_std * std, rel=0.05) and not lstm.bias_hh.any()
+    forget, others = lstm.bias_ih[h:2 * h], torch.cat([lstm.bias_ih[:h], lstm.bias_ih[2 * h:]])
+    assert (forget - 1).abs().max() <= 2 * std and others.abs().max() <= 2 * std  # forget bias 1 + noise
+    torch_model, _ = model_and_args("--dec-channels", "64", "--init", "torch")
+    assert torch_model.decoder.cnn[2].bias.any()  # PyTorch's default: uniform biases
+
+
+@pytest.mark.parametrize("res,kernel,pad", [(16, 5, 2), (35, 5, 2), (9, 3, 1), (12, 5, 0), (7, 3, 3)])
+def test_broadcast_conv_equals_tile_then_conv(res, kernel, pad):
+    torch.manual_seed(res)
+    conv = torch.nn.Conv2d(6 + 2, 7, kernel, padding=pad).double()
+    z = torch.randn(5, 6, dtype=torch.double, requires_grad=True)
+    coords = io.coordinate_channels(res, res).double()
+    fast = io.broadcast_conv(conv, z, coords)
+    fast_grads = torch.autograd.grad((fast * fast.detach().cos()).sum(), [z, *conv.parameters()])
+    tiled = torch.cat([z[:, :, None, None].expand(-1, -1, res, res), coords.expand(5, -1, -1, -1)], 1)
+    plain = conv(tiled)
+    torch.testing.assert_close(fast, plain)
+    for g, want in zip(fast_grads, torch.autograd.grad((plain * plain.detach().cos()).sum(), [z, *conv.parameters()])):
+        torch.testing.assert_close(g, want)
+
+
+def test_plain_decoder_gives_the_same_model():
+    model, args = model_and_args()
+    plain, _ = model_and_args("--plain-decoder")
+    plain.load_state_dict(model.state_dict())
+    x, noise = images(2), torch.randn(3, 2, 3, 4)
+    seen = []
+    plain.decoder.cnn[0].register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    a, b = model(x, noise), plain(x, noise)
+    z0 = noise[0] * torch.nn.functional.softplus(model.lambda0[4:]).sqrt() + model.lambda0[:4]  # (B, K, Z)
+    want = torch.cat([z0.flatten(0, 1)[:, :, None, None].expand(-1, -1, 16, 16), torch.full((6, 1, 16, 16), 5.0),
+                      coords_formula("linear", 16, 16).expand(6, -1, -1, -1)], 1)  # [z, 5.0, y, x]
+    torch.testing.assert_close(seen[0], want)
+    torch.testing.assert_close(a["nll"], b["nll"], rtol=1e-4, atol=1e-2)
+    ga = torch.autograd.grad(io.compute_loss(a, x, args)["loss"], model.decoder.cnn[0].weight)[0]
+    gb = torch.autograd.grad(io.compute_loss(b, x, args)["loss"], plain.decoder.cnn[0].weight)[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-3)
+
+
+def test_plateau_diagnostics():
+    ds = data.make_dataset("tetrominoes", "test")
+    batch = ds.__getitems__(list(range(8)))
+    x, true = batch["image"], batch["mask"]
+    onehot = torch.nn.functional.one_hot(true.clamp_min(0), 4).permute(0, 3, 1, 2).float()  # (B, 4, H, W)
+    # slot k's mean is the image on entity k and far from it elsewhere: the colour posterior is the truth
+    means = torch.where(onehot[:, :, None] > 0, x[:, None], x[:, None] + 0.5)
+    log_lik = io.pixel_log_likelihood(x, means)
+    exact = io.plateau_diagnostics(true, onehot, log_lik, ds.num_background)
+    assert exact["colour_fg_ari"].min().item() == pytest.approx(1.0)
+    p, n = onehot.mean((2, 3)), 35 * 35  # one-hot masks: slot k covers a fraction p_k of the N pixels
+    torch.testing.assert_close(exact["mask_std"], torch.sqrt(p * (1 - p) * n / (n - 1)).mean(1))
+    flat = io.plateau_diagnostics(true, torch.full_like(onehot, 0.25), log_lik, ds.num_background)
+    assert flat["mask_std"].abs().max() < 1e-6  # the colour plateau: uniform masks
