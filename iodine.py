@@ -80,10 +80,10 @@ import metrics
 PRESETS = {
     "paper": dict(steps=1_000_000, warmup_steps=0, decay_steps=1_000_000, grad_clip=5.0, log_every=100,
                   eval_every=5_000, eval_size=320, save_every=5_000),
+    # tiny: Tetrominoes at its native 35 px (other data: 32 px)
     "tiny": dict(batch_size=16, steps=2_000, lr=1e-3, warmup_steps=0, decay_steps=1_000_000, grad_clip=5.0,
-                 resolution=32, latent_dim=16, dec_channels=16, dec_kernel=3, ref_channels=16, ref_kernel=3,
-                 ref_layers=3, ref_mlp=[64], log_every=50, eval_every=500, eval_size=64,
-                 save_every=500),
+                 latent_dim=16, dec_channels=16, dec_kernel=3, ref_channels=16, ref_kernel=3, ref_layers=3,
+                 ref_mlp=[64], log_every=50, eval_every=250, eval_size=64, save_every=500),
 }
 # Per-data defaults (arXiv 1903.00450 App. B and the official configurations): K, latent size,
 # decoder, refinement network, coordinate channels of the refinement inputs, the paper's batch and lr.
@@ -95,19 +95,11 @@ CLEVR = dict(resolution=128, num_slots=7, latent_dim=64, dec_channels=64, dec_ke
              paper_lr=1e-3)
 TETROMINOES = {**SPRITES, "resolution": 35, "num_slots": 4, "latent_dim": 32, "lstm_hidden": 0,
                "paper_batch": 256}
-DATA_DEFAULTS = {
-    "shapes": SPRITES,
-    "shapes-colored": {**SPRITES, "num_slots": 5},
-    "shapes-binary": {**SPRITES, "num_slots": 4},
-    "tetrominoes": TETROMINOES,
-    # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px sprites sizes.
-    "clevr": CLEVR,  # CLEVR6
-    "clevrtex": {**CLEVR, "num_slots": 11},
-    "objects_room": {**SPRITES, "num_slots": 7},
-    "dsprites": SPRITES,
-    "tetromino": TETROMINOES,
-    "other": {**SPRITES, "num_slots": 7},
-}
+# Real files are recognised by name (DeepMind HDF5 conversions, ClevrTex); anything else gets 64 px sprites sizes.
+DATA_DEFAULTS = {"shapes": SPRITES, "shapes-colored": {**SPRITES, "num_slots": 5}, "tetrominoes": TETROMINOES,
+                 "shapes-binary": {**SPRITES, "num_slots": 4}, "clevr": CLEVR, "clevrtex": {**CLEVR, "num_slots": 11},
+                 "objects_room": {**SPRITES, "num_slots": 7}, "dsprites": SPRITES, "tetromino": TETROMINOES,
+                 "other": {**SPRITES, "num_slots": 7}}
 # Flags that define the network: --eval-only and --resume take them from the checkpoint.
 ARCH_KEYS = ("resolution", "num_slots", "latent_dim", "dec_channels", "dec_kernel", "ref_channels", "ref_kernel",
              "ref_layers", "ref_mlp", "lstm_hidden", "coord", "iters", "likelihood", "pixel_scale", "prior_scale",
@@ -175,6 +167,8 @@ def parse_args(argv=None):
     key = args.data if args.data in DATA_DEFAULTS else next(
         (k for k in ("clevrtex", "clevr", "objects_room", "dsprites", "tetromino") if k in args.data.lower()), "other")
     defaults = {**DATA_DEFAULTS[key], **PRESETS[args.preset]}
+    if args.preset == "tiny" and defaults["resolution"] != 35:
+        defaults["resolution"] = 32
     for k, v in defaults.items():
         if k not in ("paper_batch", "paper_lr") and getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -274,9 +268,10 @@ def broadcast_conv(conv, z, coords):
         pos = torch.arange(n + 2 * pad - k + 1, device=z.device)[:, None] + torch.arange(k, device=z.device) - pad
         return ((pos >= 0) & (pos < n)).to(z.dtype)
 
-    r = torch.einsum("ocij,yi,xj->ocyx", conv.weight[:, :c], inside(coords.shape[1]), inside(coords.shape[2]))
+    r = torch.einsum("ocij,yi,xj->cyxo", conv.weight[:, :c], inside(coords.shape[1]), inside(coords.shape[2]))
     base = F.conv2d(coords[None].to(z.dtype), conv.weight[:, c:], conv.bias, padding=pad)  # (1, O, H', W')
-    return base + torch.einsum("nc,ocyx->noyx", z, r)  # r (O, C, H', W') -> (N, O, H', W')
+    out = base.permute(0, 2, 3, 1) + torch.einsum("nc,cyxo->nyxo", z, r)  # r (C, H', W', O) -> (N, H', W', O)
+    return out.permute(0, 3, 1, 2)  # (N, O, H', W'), channels-last in memory like the convolutions after it
 
 
 class BroadcastDecoder(nn.Module):
@@ -303,7 +298,7 @@ class BroadcastDecoder(nn.Module):
             x = self.cnn[0](torch.cat([x, self.coords.expand(len(z), -1, -1, -1).to(x.dtype)], dim=1))
         else:
             x = broadcast_conv(self.cnn[0], z, self.coords)  # (B*K, channels, H, W), the same numbers
-        x = rearrange(self.cnn[1:](x), "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
+        x = rearrange(self.cnn[1:](x).contiguous(), "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
         return x[:, :, :3], x[:, :, 3]  # means (B, K, 3, H, W), mask logits (B, K, H, W)
 
 
@@ -384,6 +379,7 @@ class IODINE(nn.Module):
         self.norms = nn.ModuleDict({"dmeans": nn.GroupNorm(1, 3), "dlogits": nn.GroupNorm(1, 1),
                                     "log_px": nn.GroupNorm(1, 1), "loo": nn.GroupNorm(1, 1)})
         self.norm_dlam = nn.LayerNorm(2 * latent_dim)
+        self.to(memory_format=torch.channels_last)  # conv weights NHWC: the convolutions run ~1.25x faster on CPU
 
     def decode(self, image, lam, noise):
         """Sample z_k = mu_k + sqrt(softplus(s_k)) eps, decode, and score: the per-image NLL and KL (B,)."""

@@ -183,7 +183,8 @@ def test_paper_preset_per_dataset(name, res, k, z, lstm, batch, lr):
 
 def test_tiny_preset_defaults_to_tetrominoes():
     a = io.parse_args(["--preset", "tiny"])
-    assert (a.data, a.resolution, a.num_slots) == ("tetrominoes", 32, 4)
+    assert (a.data, a.resolution, a.num_slots) == ("tetrominoes", 35, 4)  # native resolution
+    assert io.parse_args(["--preset", "tiny", "--data", "shapes"]).resolution == 32
     assert (a.latent_dim, a.lstm_hidden, a.steps) == (16, 0, 2000)  # Tetrominoes: no LSTM, as in the paper
     assert io.parse_args([]).data == "shapes"
 
