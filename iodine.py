@@ -8,23 +8,20 @@ Paper
 What is implemented
   - Posterior q(z_k | lambda_k), lambda_k = (mu_k, s_k), diagonal Gaussian with scale sqrt(softplus(s_k))
     (the code's "var" parameterisation); the initial lambda is one learned vector shared by all K slots.
-  - Spatial broadcast decoder (App. B): [z_k, 5.0] tiled over the image, two linear coordinate channels in
-    [-1, 1], 4 x conv SAME ELU, conv to 4 channels: RGB mean mu_k and mask logit; masks = softmax over K.
-    The first convolution skips the tiling by an exact identity (broadcast_conv; --plain-decoder undoes it).
-  - Pixel likelihood: the spatial mixture sum_k m_k p(x | mu_k), p a logistic with fixed scale 0.03 per
-    channel as in every official configuration (--likelihood gaussian --pixel-scale 0.1: the common
-    reimplementations' Gaussian). The mixture, the posterior and the leave-one-out inputs use the same p.
-  - Refinement (Sec. 2.2, Table 3): lambda_k <- lambda_k + f_phi(z_k, x, a_k) for --iters T steps with every
-    input of the official code; image-sized ones through the strided ELU CNN, average pooling and the MLP;
-    lambda, dL/dlambda and the flat capacity join after it; then the LSTM (none for Tetrominoes) and a
-    linear head. Gradient, likelihood and leave-one-out inputs are stop-gradient and LayerNorm-ed.
-    All K slots run as one batch of B*K; the gradients are first order (autograd.grad, no create_graph).
-  - Objective: sum_{t=0..T} (t/T) (NLL_t + KL_t); Adam beta1 0.95, clip 5, lr x 0.1^(step/1M).
-  - Initialisation: Sonnet's, as the official code (sonnet_init_; --init torch for PyTorch's defaults).
-  - Evaluation: ARI, FG-ARI, mIoU, mBO of the final masks; FG-ARI after every step (fg_ari_iter_t); and two
-    plateau diagnostics: mask_std (std of each slot's mask over the pixels, ~0 while every slot decodes a
-    flat colour under uniform masks) and colour_fg_ari (FG-ARI of argmax_k p(x | mu_k): each pixel to the
-    slot whose mean explains its colour best, high as soon as the slots have split the colours).
+  - Spatial broadcast decoder (App. B): [z_k, 5.0] tiled, + linear [y, x] in [-1, 1], 4 x conv SAME ELU,
+    conv to RGB mean and mask logit; masks = softmax over K. The first convolution skips the tiling by an
+    exact identity (broadcast_conv; --plain-decoder for the textbook computation); convolutions channels-last.
+  - Likelihood: the pixel mixture sum_k m_k p(x | mu_k), p logistic with fixed scale 0.03 per channel as in
+    every official configuration (--likelihood gaussian: the common reimplementations' sigma 0.1); the
+    posterior and leave-one-out inputs use the same p.
+  - Refinement (Sec. 2.2, Table 3): lambda_k <- lambda_k + f_phi(z_k, x, a_k), --iters T times, with every
+    input of the official code (stop-gradient and LayerNorm where it has them): strided ELU CNN, average
+    pooling, MLP; the flat inputs join after it; LSTM (none for Tetrominoes); linear head. The K slots run
+    as one batch of B*K; the gradient inputs are first order (autograd.grad without create_graph).
+  - Objective: sum_{t=0..T} (t/T) (NLL_t + KL_t); Adam beta1 0.95, clip 5, lr x 0.1^(step/1M); Sonnet's
+    initialisation as in the official code (sonnet_init_; --init torch for PyTorch's defaults).
+  - Evaluation: ARI, FG-ARI, mIoU, mBO of the final masks, FG-ARI after every step (fg_ari_iter_t) and the
+    plateau diagnostics mask_std and colour_fg_ari (see plateau_diagnostics and docs/iodine.md).
 
 This file's names and the official code's (modules/iodine.py _get_inputs_for, decode, _get_initial_z)
   lam -> zp        lambda0 -> initial_sample_distribution     means -> components      mask_logits -> mask

@@ -223,8 +223,9 @@ def test_cli_writes_run_files(tmp_path):
     assert [l["step"] for l in train] == [2, 4, 6] and [l["step"] for l in evals] == [3, 6]
     for key in ["nll_0", "nll_1", "nll_2", "kl_0", "kl_1", "kl_2", "mse", "loss", "lr", "images_per_s"]:
         assert all(math.isfinite(l[key]) for l in train), key
-    for key in ("ari", "fg_ari", "miou", "mbo", "fg_ari_iter_0", "fg_ari_iter_1", "fg_ari_iter_2"):
+    for key in ("ari", "fg_ari", "miou", "mbo", "fg_ari_iter_0", "fg_ari_iter_1", "fg_ari_iter_2", "colour_fg_ari"):
         assert -1 <= evals[-1][key] <= 1, key
+    assert 0 <= evals[-1]["mask_std"] <= 0.5  # the std of a quantity in [0, 1]
     assert evals[-1]["fg_ari_iter_2"] == evals[-1]["fg_ari"]  # the last step's masks are the final ones
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6 and not any(k.startswith("refine.lstm") for k in ckpt["model"])
@@ -396,19 +397,18 @@ def expected_inputs(model, args, x, lam, noise):
         keep = [i for i in range(k) if i != j]
         loo.append(log_px - torch.log((logits[:, keep].softmax(1) * log_lik[:, keep].exp()).sum(1)))
     loo = torch.stack(loo, 1).unsqueeze(2)  # (B, K, 1, H, W)
-    n = {name: (m.weight.double(), m.bias.double()) for name, m in model.norms.items()}
+    n = {name: (m.weight.double(), m.bias.double()) for name, m in model.norms.items()}  # LayerNorm affines
     b, _, h, w = x.shape
     post = log_lik.exp() / (log_lik.exp().sum(1, keepdim=True) + 1e-6)  # the official mask posterior
-    return dict(
-        image=xd[:, None].expand(b, k, 3, h, w), means=means, masks=masks[:, :, None], mask_logits=logits[:, :, None],
-        dmeans=layer_norm(dmeans, (2, 3, 4), *n["dmeans"]), dlogits=layer_norm(dlogits[:, :, None], (2, 3, 4),
-                                                                              *n["dlogits"]),
-        posterior=post[:, :, None], log_px=layer_norm(log_px[:, None, None], (2, 3, 4), *n["log_px"]).expand(
-            b, k, 1, h, w), loo=layer_norm(loo, (2, 3, 4), *n["loo"]),
-        coords=coords_formula(args.coord, h, w).double().expand(b, k, -1, h, w),
-        capacity=torch.full((b, k, 1, h, w), 0.5, dtype=torch.double),
-        flat=torch.cat([lam, layer_norm(dlam, (2,)) * model.norm_dlam.weight.double() + model.norm_dlam.bias.double(),
-                        torch.full((b, k, 1), 0.5, dtype=torch.double)], -1))
+    log_px_in = layer_norm(log_px[:, None, None], (2, 3, 4), *n["log_px"])  # (B, 1, 1, H, W), over the pixels
+    flat = [lam, layer_norm(dlam, (2,)) * model.norm_dlam.weight.double() + model.norm_dlam.bias.double(),
+            torch.full((b, k, 1), 0.5, dtype=torch.double)]  # [lambda, LN(dL/dlambda), capacity 0.5]
+    return dict(image=xd[:, None].expand(b, k, 3, h, w), means=means, masks=masks[:, :, None],
+                mask_logits=logits[:, :, None], dmeans=layer_norm(dmeans, (2, 3, 4), *n["dmeans"]),
+                dlogits=layer_norm(dlogits[:, :, None], (2, 3, 4), *n["dlogits"]), posterior=post[:, :, None],
+                log_px=log_px_in.expand(b, k, 1, h, w), loo=layer_norm(loo, (2, 3, 4), *n["loo"]),
+                coords=coords_formula(args.coord, h, w).double().expand(b, k, -1, h, w),
+                capacity=torch.full((b, k, 1, h, w), 0.5, dtype=torch.double), flat=torch.cat(flat, -1))
 
 
 def check_refinement_inputs(model, args, x, noise):
@@ -432,7 +432,6 @@ def check_refinement_inputs(model, args, x, noise):
                                        msg=lambda m: f"step {t}, input {name}: {m}")
             start += c
         assert start == spatial.shape[2]
-        # flat: [lambda, LN(dL/dlambda), capacity 0.5]
         torch.testing.assert_close(flat.view(b, k, -1).double(), want["flat"], atol=2e-4, rtol=1e-4)
         lam = lam + model.refine(spatial.flatten(0, 1), flat, state)[0].view(b, k, -1)  # next step's lambda
 
