@@ -389,8 +389,9 @@ def write_tiny_coco(root, n_train=8, n_val=4):
             pixels[y0:y0 + 8, x0:x0 + 10] = torch.tensor([200, 60 + 20 * i, 90], dtype=torch.uint8)
             Image.fromarray(pixels.numpy()).save(root / part / f"{i}.jpg")
             images.append(dict(id=i, file_name=f"{i}.jpg", height=24, width=32))
-            anns.append(dict(image_id=i, iscrowd=0, segmentation=[[x0, y0, x0 + 9, y0, x0 + 9, y0 + 7, x0, y0 + 7]]))
-            anns.append(dict(image_id=i, iscrowd=1, segmentation=dict(counts=[23, 1] * 32, size=[24, 32])))
+            anns.append(dict(image_id=i, iscrowd=0, category_id=1,
+                             segmentation=[[x0, y0, x0 + 9, y0, x0 + 9, y0 + 7, x0, y0 + 7]]))
+            anns.append(dict(image_id=i, iscrowd=1, category_id=1, segmentation=dict(counts=[23, 1] * 32, size=[24, 32])))
         (root / "annotations" / f"instances_{part}.json").write_text(
             json.dumps(dict(images=images, annotations=anns, categories=[dict(id=1, name="thing")])))
 
