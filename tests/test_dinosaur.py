@@ -296,7 +296,7 @@ def test_cache_round_trips_and_rebuilds_when_stale(tmp_path, capsys):
     ds = data.make_dataset("shapes", "train", 16, size=12)
     cache = dn.cached_features(enc, ds, "train", args, dev, sha, False, True, 1)
     assert "missing" in capsys.readouterr().err
-    batch = cache.__getitems__([3, 0, 7])
+    batch = cache.get_batch([3, 0, 7])
     assert set(batch) == {"feat"} and batch["feat"].shape == (3, 2, 16, 64)
     x = ds.get_batch([3, 0, 7])["image"]
     with torch.no_grad():
@@ -319,12 +319,12 @@ def test_cache_round_trips_and_rebuilds_when_stale(tmp_path, capsys):
     cache2 = dn.cached_features(enc2, ds, "train", args, dev, dn.state_hash(enc2), False, True, 1)
     assert "stale: weights_sha256" in capsys.readouterr().err
     with torch.no_grad():
-        torch.testing.assert_close(cache2.__getitems__([3])["feat"][:, 0], enc2(x[:1]), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(cache2.get_batch([3])["feat"][:, 0], enc2(x[:1]), atol=2e-3, rtol=2e-3)
     # fewer images: rebuilt with the new count
     small = data.make_dataset("shapes", "train", 16, size=8)
     cache3 = dn.cached_features(enc2, small, "train", args, dev, dn.state_hash(enc2), True, True, 1)
     assert "count 12 != 8" in capsys.readouterr().err
-    assert set(cache3.__getitems__([0])) >= {"feat", "image", "mask"}
+    assert set(cache3.get_batch([0])) >= {"feat", "image", "mask"}
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [folder.name]  # no temporary folder left
 
 
