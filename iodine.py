@@ -45,7 +45,7 @@ Commands
   Tetrominoes (K=4, no LSTM) and CLEVR6 from the DeepMind HDF5 file (128 px, K=7):
     python iodine.py --data tetrominoes
     python iodine.py --data /data/clevr_with_masks.h5 --batch-size 8
-  CPU, tiny preset (a smoke test: see the preset's comment and docs/iodine.md):
+  CPU, tiny preset (a smoke test that does not segment yet: see PRESETS and docs/iodine.md):
     python iodine.py --preset tiny
   Several GPUs (or CPU processes with gloo):
     torchrun --nproc_per_node=8 iodine.py --data shapes --batch-size 16
@@ -79,7 +79,9 @@ import metrics
 PRESETS = {
     "paper": dict(steps=1_000_000, warmup_steps=0, decay_steps=1_000_000, grad_clip=5.0, log_every=100,
                   eval_every=5_000, eval_size=320, save_every=5_000),
-    # tiny: Tetrominoes at its native 35 px (other data: 32 px)
+    # tiny: a smoke test, not a segmenter. Tetrominoes at its native 35 px (other data: 32 px), ~15 minutes on
+    # one core; it stays on the colour plateau (FG-ARI ~0; no CPU setting tried left it in 30 minutes,
+    # docs/iodine.md), where the paper trains 1M steps at batch 256.
     "tiny": dict(batch_size=16, steps=2_000, lr=1e-3, warmup_steps=0, decay_steps=1_000_000, grad_clip=5.0,
                  latent_dim=16, dec_channels=16, dec_kernel=3, ref_channels=16, ref_kernel=3, ref_layers=3,
                  ref_mlp=[64], log_every=50, eval_every=250, eval_size=64, save_every=500),

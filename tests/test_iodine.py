@@ -516,7 +516,7 @@ def test_plain_decoder_gives_the_same_model():
 
 def test_plateau_diagnostics():
     ds = data.make_dataset("tetrominoes", "test")
-    batch = ds.__getitems__(list(range(8)))
+    batch = ds.get_batch(list(range(8)))
     x, true = batch["image"], batch["mask"]
     onehot = torch.nn.functional.one_hot(true.clamp_min(0), 4).permute(0, 3, 1, 2).float()  # (B, 4, H, W)
     # slot k's mean is the image on entity k and far from it elsewhere: the colour posterior is the truth
@@ -526,5 +526,7 @@ def test_plateau_diagnostics():
     assert exact["colour_fg_ari"].min().item() == pytest.approx(1.0)
     p, n = onehot.mean((2, 3)), 35 * 35  # one-hot masks: slot k covers a fraction p_k of the N pixels
     torch.testing.assert_close(exact["mask_std"], torch.sqrt(p * (1 - p) * n / (n - 1)).mean(1))
+    # the colour plateau: flat masks, while the means have split the colours exactly (colour FG-ARI ignores masks)
     flat = io.plateau_diagnostics(true, torch.full_like(onehot, 0.25), log_lik, ds.num_background)
+    assert flat["colour_fg_ari"].min().item() == pytest.approx(1.0)
     assert flat["mask_std"].abs().max() < 1e-6  # the colour plateau: uniform masks
