@@ -375,19 +375,26 @@ def entropy_weights_at(step, args):
     return pix, obj
 
 
-def compute_loss(out, image, args, step):
+def schedules_at(step, args):
+    """Every scheduled value of training step `step` (0-based), computed once: the loop applies these
+    and logs these, so the log cannot drift from what was applied."""
+    w_pix, w_obj = entropy_weights_at(step, args)
+    return {"lr": lr_at(step, args), "mask_ratio": mask_ratio_at(step, args), "w_pixel_entropy": w_pix,
+            "w_object_entropy": w_obj, "token_noise": args.token_noise if step < args.warmup_steps else 0.0}
+
+
+def compute_loss(out, image, w_pix, w_obj):
     """Named loss terms and their total (Sec. 3.3, eqs. 4-6):
 
-    loss = ||x - x_hat||^2 + lambda_pix(step) * H_pix(alpha) + lambda_obj(step) * H_obj(alpha)
+    loss = ||x - x_hat||^2 + w_pix * H_pix(alpha) + w_obj * H_obj(alpha)
 
     with H_pix the mean per-pixel entropy of the alpha masks over slots and H_obj the entropy of
-    the per-slot mean mask.
+    the per-slot mean mask; the weights come from schedules_at.
     """
     masks = out["masks"].float()
     terms = {"mse": F.mse_loss(out["recon"].float(), image * 2 - 1),
              "pixel_entropy": losses.pixel_entropy(masks),
              "object_entropy": losses.object_entropy(masks)}
-    w_pix, w_obj = entropy_weights_at(step, args)
     terms["loss"] = terms["mse"] + w_pix * terms["pixel_entropy"] + w_obj * terms["object_entropy"]
     return terms
 
@@ -604,13 +611,12 @@ def _main(args):
     model.train()
     while step < args.steps:
         image = next(batches)["image"].to(device, non_blocking=True)
-        lr, ratio = lr_at(step, args), mask_ratio_at(step, args)
+        sched = schedules_at(step, args)
         for g in opt.param_groups:
-            g["lr"] = lr
-        noise = args.token_noise if step < args.warmup_steps else 0.0  # class-token noise in warm-up only
+            g["lr"] = sched["lr"]
         with autocast(device, args.dtype):
-            out = model(image, mask_ratio=ratio, token_noise=noise)
-        terms = compute_loss(out, image, args, step)
+            out = model(image, mask_ratio=sched["mask_ratio"], token_noise=sched["token_noise"])
+        terms = compute_loss(out, image, sched["w_pixel_entropy"], sched["w_object_entropy"])
         opt.zero_grad(set_to_none=True)
         scaler.scale(terms["loss"]).backward()
         if args.grad_clip > 0:
@@ -637,9 +643,8 @@ def _main(args):
                                          f"last good checkpoint kept in {run_dir}")
             if is_main and (step % args.log_every == 0 or last):
                 dt = time.time() - t0
-                w_pix, w_obj = entropy_weights_at(step - 1, args)  # the schedules of the step just taken
-                write({"step": step, "split": "train", **means, "lr": lr, "mask_ratio": ratio,
-                       "w_pixel_entropy": w_pix, "w_object_entropy": w_obj, "token_noise": noise,
+                # the values applied at the last step of the window; lr as the optimiser holds it
+                write({"step": step, "split": "train", **means, **sched, "lr": opt.param_groups[0]["lr"],
                        "images_per_s": n_sum * args.batch_size * world / dt, "peak_mem_mb": peak_memory_mb(device)})
                 bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{n_sum * args.batch_size * world / dt:.0f}",
                                 fg_ari=f"{fg_ari:.3f}")

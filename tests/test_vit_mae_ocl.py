@@ -178,10 +178,10 @@ def test_evaluation_does_not_depend_on_the_shuffle():
 def test_every_parameter_gets_a_gradient(flags):
     model, args = model_and_args(*flags)
     x = images()
-    terms = vm.compute_loss(model(x, mask_ratio=0.5, token_noise=0.1), x, args, step=0)
+    w_pix, w_obj = vm.entropy_weights_at(0, args)
+    terms = vm.compute_loss(model(x, mask_ratio=0.5, token_noise=0.1), x, w_pix, w_obj)
     terms["loss"].backward()
     assert set(terms) == {"mse", "pixel_entropy", "object_entropy", "loss"}
-    w_pix, w_obj = vm.entropy_weights_at(0, args)
     torch.testing.assert_close(terms["loss"], terms["mse"] + w_pix * terms["pixel_entropy"]
                                + w_obj * terms["object_entropy"])
     for name, p in model.named_parameters():
@@ -245,7 +245,7 @@ def test_overfits_one_batch():
     torch.manual_seed(0)
     first = None
     for _ in range(120):
-        terms = vm.compute_loss(model(x), x, args, step=0)
+        terms = vm.compute_loss(model(x), x, *vm.entropy_weights_at(0, args))
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()
@@ -276,13 +276,60 @@ def test_cli_writes_run_files(tmp_path, flags):
     assert train[-1]["mask_ratio"] == 0.0  # reached at the last step
     assert all((l["w_pixel_entropy"] == 0) == ("--pixel-entropy" in flags) for l in train)
     assert all((l["w_object_entropy"] == 0) == ("--object-entropy" in flags) for l in train)
-    for key in ("ari", "fg_ari", "miou", "mbo", "mse"):
-        assert 0 <= evals[-1][key] <= 1 or key in ("mse", "fg_ari", "ari"), key
-        assert math.isfinite(evals[-1][key]), key
+    for ev in evals + [json.loads((run / "eval.json").read_text())]:  # every evaluation, in its metric's range
+        assert all(-1 <= ev[key] <= 1 for key in ("ari", "fg_ari")), ev
+        assert all(0 <= ev[key] <= 1 for key in ("miou", "mbo")) and 0 <= ev["mse"] <= 4, ev  # MSE in [-1, 1]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6 and "class_tokens" in ckpt["model"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     assert json.loads((run / "eval.json").read_text())["step"] == 6
+
+
+def test_training_applies_and_logs_the_scheduled_values(tmp_path, monkeypatch):
+    """Recorded where the values act, not from the log: the patches the encoder sees at every training step
+    are num_kept(N, mask_ratio_at(step)) (so the mask-ratio ramp is applied); evaluation feeds every patch to
+    the encoder and no mask token to the decoder; each train line logs the optimiser's lr and the values
+    applied at the last step of its window."""
+    seen, real_build, real_opt, real_loss = [], vm.build_model, vm.make_optimizer, vm.compute_loss
+
+    def build(args):
+        model = real_build(args)
+        model.encoder[0].register_forward_pre_hook(
+            lambda m, a: seen.append({"train": model.training, "visible": a[0].shape[1] - args.num_slots}))
+
+        def mask_token_gap(m, a):  # distance of the decoder inputs to the mask token (+ position) at their position
+            seen[-1]["mask_token_gap"] = (a[0] - (model.mask_token + model.dec_pos)).norm(dim=-1).min().item()
+        model.decoder[0].register_forward_pre_hook(mask_token_gap)
+        return model
+
+    def optimizer(model, args):
+        opt = real_opt(model, args)
+        opt.register_step_pre_hook(lambda o, a, k: seen[-1].update(lr=o.param_groups[0]["lr"]))
+        return opt
+
+    def loss(out, image, w_pix, w_obj):
+        seen[-1].update(w_pixel_entropy=w_pix, w_object_entropy=w_obj)
+        return real_loss(out, image, w_pix, w_obj)
+
+    monkeypatch.setattr(vm, "build_model", build)
+    monkeypatch.setattr(vm, "make_optimizer", optimizer)
+    monkeypatch.setattr(vm, "compute_loss", loss)
+    assert run_main(tmp_path, "--steps", "9", "--warmup-steps", "2", "--cooldown-steps", "2", "--run-name", "r",
+                    "--mask-ratio", "0.75", "--eval-every", "4", "--log-every", "3") == 0
+    args = vm.parse_args(CLI + ["--steps", "9", "--warmup-steps", "2", "--cooldown-steps", "2", "--mask-ratio", "0.75"])
+    train, evals = [r for r in seen if r["train"]], [r for r in seen if not r["train"]]
+    assert [r["visible"] for r in train] == [vm.num_kept(16, vm.mask_ratio_at(s, args)) for s in range(9)]
+    assert len({r["visible"] for r in train}) >= 4  # the ramp really moved
+    assert evals and all(r["visible"] == 16 and r["mask_token_gap"] > 1e-3 for r in evals)
+    assert min(r["mask_token_gap"] for r in train) < 1e-6  # the check can see a mask token when there is one
+    logged = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").open()]
+    logged = [l for l in logged if l["split"] == "train"]
+    assert [l["step"] for l in logged] == [3, 6, 9]
+    for line in logged:
+        applied = train[line["step"] - 1]
+        assert line["mask_ratio"] == vm.mask_ratio_at(line["step"] - 1, args)
+        for key in ("lr", "w_pixel_entropy", "w_object_entropy"):
+            assert line[key] == applied[key], key
 
 
 def test_eval_only(tmp_path):
@@ -370,9 +417,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     real = vm.compute_loss
     calls = {"n": 0}
 
-    def poisoned(out, image, args, step):
+    def poisoned(*a):
         calls["n"] += 1
-        terms = real(out, image, args, step)
+        terms = real(*a)
         if calls["n"] == 5:  # step 5 produces a NaN pixel entropy
             terms["pixel_entropy"] = terms["pixel_entropy"] * float("nan")
             terms["loss"] = terms["mse"] + terms["pixel_entropy"]
