@@ -255,8 +255,9 @@ def schedule_in_steps(args, n_train, world=1):
 
 
 def num_kept(n, ratio):
-    """Visible patches out of n at mask ratio `ratio`: round(n * (1 - ratio)), the same for every image."""
-    return int(round(n * (1 - ratio)))
+    """Visible patches out of n at mask ratio `ratio`, the same for every image: int(n * (1 - ratio)),
+    rounded down as the authors' random_masking (objectViTAE model.py)."""
+    return int(n * (1 - ratio))
 
 
 def sincos_2d(dim, grid):
@@ -272,10 +273,9 @@ def sincos_2d(dim, grid):
 
 
 def random_masking(n, ratio, batch, device):
-    """MAE's per-sample random masking: ids_keep (B, n_keep), the visible patch indices in shuffled order
-    (the first n_keep of a fresh random permutation per image)."""
-    noise = torch.rand(batch, n, device=device)
-    return noise.argsort(dim=1)[:, :num_kept(n, ratio)]  # (B, n_keep)
+    """MAE's per-sample random masking: a fresh random permutation of the n patches per image, (B, n);
+    its first num_kept(n, ratio) entries are the visible patches, the rest the masked ones."""
+    return torch.rand(batch, n, device=device).argsort(dim=1)  # (B, n)
 
 
 def to_raster(x, ids_keep, n):
@@ -295,11 +295,17 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x):
-        qkv = rearrange(self.qkv(self.norm1(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # fused attention, (B, h, n, d)
-        x = x + self.proj(rearrange(y, "b h n d -> b n (h d)"))  # (B, n, dim)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, qkv=None):
+        """x (B, n, dim); qkv: self.qkv(self.norm1(x)) when the caller has it (the decoder's first block)."""
+        b, n, _ = x.shape
+        qkv = self.qkv(self.norm1(x)) if qkv is None else qkv  # (B, n, 3 dim)
+        # q, k, v as views of the fused projection, split by chunk: its backward is one concatenation, where
+        # indexing a stacked (3, B, h, n, d) tensor would zero-fill a gradient of that size three times.
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # (B, h, n, d)
+        y = F.scaled_dot_product_attention(q, k, v)  # fused attention, (B, h, n, d), stored as (B, n, h, d)
+        # residuals added in place to the fresh branch outputs (no saved tensor is overwritten): x + f(x)
+        x = self.proj(y.transpose(1, 2).reshape(b, n, -1)).add_(x)  # (B, n, dim)
+        return self.mlp(self.norm2(x)).add_(x)
 
 
 class ObjectCentricMAE(nn.Module):
@@ -321,7 +327,7 @@ class ObjectCentricMAE(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(1, 1, dec_dim) * 0.02)
         self.decoder = nn.ModuleList([Block(dec_dim, dec_heads, mlp_ratio) for _ in range(dec_depth)])
         self.dec_norm = nn.LayerNorm(dec_dim)
-        self.head = nn.Linear(dec_dim, patch_size ** 2 * 4)  # p^2 x (RGB + alpha logit)
+        self.head = nn.Linear(dec_dim, 4 * patch_size ** 2)  # (RGB + alpha logit) x p^2, channel-major
         self.num_patches = n
         self._init_weights()
 
@@ -339,7 +345,9 @@ class ObjectCentricMAE(nn.Module):
         token_noise: std of Gaussian noise on the class tokens (the training loop passes it in warm-up)."""
         b, k, n = image.shape[0], self.num_slots, self.num_patches
         x = rearrange(self.patch_embed(image * 2 - 1), "b d h w -> b (h w) d") + self.enc_pos  # (B, N, D)
-        ids_keep = random_masking(n, mask_ratio, b, image.device)  # (B, Nv)
+        ids = random_masking(n, mask_ratio, b, image.device)  # (B, N): visible patches first
+        nv = num_kept(n, mask_ratio)
+        ids_keep = ids[:, :nv]  # (B, Nv)
         x = x.gather(1, repeat(ids_keep, "b v -> b v d", d=x.shape[-1]))  # (B, Nv, D) visible patches
         tokens = self.class_tokens.expand(b, -1, -1)  # (B, K, D)
         if token_noise > 0:
@@ -357,23 +365,38 @@ class ObjectCentricMAE(nn.Module):
         weights = attn / (attn.sum(dim=1, keepdim=True) + self.eps)  # (B, Nv, K), w_ik
         slots = torch.einsum("bvk,bvd->bkd", weights.to(z.dtype), z)  # (B, K, D)
 
-        # Broadcasting module (Sec. 3.1): embed [s_k, log a_ik] per visible patch, the mask token elsewhere.
-        # log a and the visibility are put back in raster order while they are small (B, N, K), so the
-        # (B*K, N, Dd) decoder input is built by one select, with no index tensor of its size.
-        # decoder_embed([s_k, log a_ik]) = W_s s_k + w_a log a_ik + b: K copies of the slots are never built.
-        log_a = to_raster(log_attn, ids_keep, n)  # (B, N, K)
-        visible = torch.zeros(b, n, dtype=torch.bool, device=image.device).scatter(1, ids_keep, True)  # (B, N)
-        w_s, w_a = self.decoder_embed.weight[:, :-1], self.decoder_embed.weight[:, -1]  # (Dd, D), (Dd,)
-        emb = F.linear(slots, w_s, self.decoder_embed.bias)[:, :, None] + rearrange(log_a, "b n k -> b k n 1") * w_a
-        y = torch.where(visible[:, None, :, None], emb, self.mask_token.to(emb.dtype))  # (B, K, N, Dd), raster order
-        y = rearrange(y, "b k n d -> (b k) n d") + self.dec_pos  # (B*K, N, Dd): all slots decode as one batch
-        for blk in self.decoder:
+        # Broadcasting module (Sec. 3.1): embed [s_k, log a_ik] at each visible patch, the mask token at the
+        # others, add the positions. decoder_embed([s_k, log a_ik]) = W_s s_k + b + w_a log a_ik, so K copies
+        # of the slots are never built. The decoder only knows positions by their embedding, so its tokens stay
+        # in the encoder's order, each image's visible patches first: the masked rows, identical for every
+        # slot, then need the first block's LayerNorm and qkv projection once per image, not once per slot.
+        pos = self.dec_pos[0][ids]  # (B, N, Dd) in token order
+        w_s, w_a = self.decoder_embed.weight[:, :-1], self.decoder_embed.weight[:, -1:]  # (Dd, D), (Dd, 1)
+        vis = (F.linear(slots, w_s, self.decoder_embed.bias)[:, :, None] + pos[:, None, :nv]).view(-1, w_s.shape[0])
+        vis = torch.addmm(vis, rearrange(log_attn, "b v k -> (b k v) 1").to(vis.dtype), w_a.T.to(vis.dtype))
+        vis = vis.view(b, k, nv, -1)  # (B, K, Nv, Dd)
+        masked = self.mask_token.to(vis.dtype) + pos[:, None, nv:]  # (B, 1, N - Nv, Dd), the same for every slot
+        first = self.decoder[0]
+        qkv = torch.cat([first.qkv(first.norm1(vis)), first.qkv(first.norm1(masked)).expand(-1, k, -1, -1)], dim=2)
+        y = torch.cat([vis, masked.expand(-1, k, -1, -1)], dim=2).view(b * k, n, -1)  # (B*K, N, Dd)
+        y = first(y, qkv.view(b * k, n, -1))  # all slots decode as one batch
+        for blk in self.decoder[1:]:
             y = blk(y)
-        y = self.head(self.dec_norm(y))  # (B*K, N, p*p*4)
-        y = rearrange(y, "(b k) (h w) (p q c) -> b k c (h p) (w q)", b=b, h=self.grid, p=self.p, q=self.p)
-        rgb, masks = y[:, :, :3], y[:, :, 3].float().softmax(dim=1)  # (B, K, 3, H, W), (B, K, H, W)
-        recon = (masks.unsqueeze(2) * rgb).sum(dim=1)  # (B, 3, H, W), in [-1, 1]
-        return dict(recon=recon, rgb=rgb, masks=masks, slots=slots, attn=attn, ids_keep=ids_keep)
+        y = self.head(self.dec_norm(y))  # (B*K, N, 4*p*p), token order
+        # RGB and alpha are contiguous blocks of the channel-major head, so they split without a copy (and
+        # their gradients join by one concatenation); the mixture is taken per patch, then put in image order.
+        rgb, alpha = rearrange(y, "(b k) n (c pq) -> b k n c pq", b=b, c=4).split([3, 1], dim=3)
+        masks = alpha.squeeze(3).float().softmax(dim=1)  # (B, K, N, p*p), softmax over slots
+        recon = (masks.unsqueeze(3) * rgb).sum(dim=1)  # (B, N, 3, p*p), in [-1, 1]
+        restore = ids.argsort(dim=1)  # (B, N): the token of each raster patch
+
+        def raster(t, dim):  # token order -> raster order along dim `dim` (an expanded index: no copy of it)
+            return t.gather(dim, restore.view(b, *[1] * (dim - 1), n, *[1] * (t.dim() - dim - 1)).expand(t.shape))
+        g = dict(h=self.grid, p=self.p)
+        return dict(recon=rearrange(raster(recon, 1), "b (h w) c (p q) -> b c (h p) (w q)", **g),  # (B, 3, H, W)
+                    rgb=rearrange(raster(rgb, 2), "b k (h w) c (p q) -> b k c (h p) (w q)", **g),  # (B, K, 3, H, W)
+                    masks=rearrange(raster(masks, 2), "b k (h w) (p q) -> b k (h p) (w q)", **g),  # (B, K, H, W)
+                    slots=slots, attn=attn, ids_keep=ids_keep)
 
 
 def build_model(args):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,35 +60,103 @@ def run_main(tmp_path, *extra):
     return 0
 
 
-@pytest.mark.parametrize("n,ratio", [(16, 0.5), (49, 0.75), (64, 0.5), (16, 0.0), (10, 0.33)])
-def test_masking_keeps_exact_count_of_distinct_patches(n, ratio):
+@pytest.mark.parametrize("n,ratio,kept", [(16, 0.5, 8), (49, 0.75, 12), (64, 0.5, 32), (16, 0.0, 16), (10, 0.33, 6)])
+def test_masking_keeps_exact_count_of_distinct_patches(n, ratio, kept):
+    assert vm.num_kept(n, ratio) == kept  # int(n * (1 - ratio)), rounded down as the authors' code
     torch.manual_seed(0)
-    keep = vm.random_masking(n, ratio, 6, "cpu")
-    assert keep.shape == (6, round(n * (1 - ratio)))
-    assert all(len(set(row.tolist())) == keep.shape[1] for row in keep)  # distinct patches
-    assert not torch.equal(keep[0], keep[1])  # a different draw per image
-    assert ((keep >= 0) & (keep < n)).all()
+    perm = vm.random_masking(n, ratio, 6, "cpu")  # (B, n): visible patches first
+    assert torch.equal(perm.sort(dim=1).values, torch.arange(n).expand(6, n))  # a permutation per image
+    assert not torch.equal(perm[0, :kept], perm[1, :kept])  # a different draw per image
+
+
+def ref_block(blk, x):
+    """A pre-norm ViT block written out: softmax(q k^T / sqrt(d)) v per head (q, k, v: the rows of the qkv
+    weight in that order, heads as consecutive slices), projection, residual, MLP, residual."""
+    b, n, dim = x.shape
+    q, k, v = (F.linear(blk.norm1(x), w, bb).view(b, n, blk.heads, -1).transpose(1, 2)
+               for w, bb in zip(blk.qkv.weight.chunk(3), blk.qkv.bias.chunk(3)))
+    att = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+    x = x + blk.proj((att @ v).transpose(1, 2).reshape(b, n, dim))
+    return x + blk.mlp(blk.norm2(x))
+
+
+def reference_forward(model, image, ratio):
+    """The authors' forward (objectViTAE model.py, after MAE) transcribed with plain ops on the model's
+    weights: shuffle, keep the first int(N (1 - ratio)), prepend the class tokens, encode; object function;
+    Linear on the concatenation [slot repeated over the visible patches, log a]; mask tokens appended and
+    the whole (B*K, N, Dd) sequence unshuffled by a gather (MAE); decoder in raster order; head read as
+    (RGB + alpha) x p x p per patch (this file's channel-major layout); alpha softmaxed over slots."""
+    B, K, P, G = image.shape[0], model.num_slots, model.p, model.grid
+    N = G * G
+    x = model.patch_embed(image * 2 - 1).flatten(2).transpose(1, 2) + model.enc_pos  # (B, N, D)
+    shuffle = torch.rand(B, N).argsort(dim=1)
+    restore, nv = shuffle.argsort(dim=1), int(N * (1 - ratio))
+    x = torch.gather(x, 1, shuffle[:, :nv, None].expand(-1, -1, x.shape[-1]))
+    x = torch.cat([model.class_tokens.expand(B, -1, -1), x], dim=1)
+    for blk in model.encoder:
+        x = ref_block(blk, x)
+    x = model.enc_norm(x)
+    c, z = x[:, :K], x[:, K:]
+    log_a = (torch.bmm(z, c.transpose(1, 2)) / math.sqrt(z.shape[-1])).log_softmax(dim=-1)  # (B, Nv, K)
+    a = log_a.exp()
+    slots = torch.bmm((a / (a.sum(dim=1, keepdim=True) + 1e-8)).transpose(1, 2), z)  # (B, K, D)
+    y = torch.cat([slots.reshape(B * K, 1, -1).repeat(1, nv, 1), log_a.transpose(1, 2).reshape(B * K, nv, 1)], -1)
+    y = torch.cat([model.decoder_embed(y), model.mask_token.repeat(B * K, N - nv, 1)], dim=1)
+    y = torch.gather(y, 1, restore.repeat_interleave(K, 0)[..., None].expand(-1, -1, y.shape[-1])) + model.dec_pos
+    for blk in model.decoder:
+        y = ref_block(blk, y)
+    y = model.head(model.dec_norm(y)).reshape(B, K, G, G, 4, P, P).permute(0, 1, 4, 2, 5, 3, 6)
+    y = y.reshape(B, K, 4, G * P, G * P)
+    masks = y[:, :, 3].softmax(dim=1)
+    return (masks[:, :, None] * y[:, :, :3]).sum(dim=1), masks, slots
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
+def test_forward_and_gradients_equal_the_authors_computation(ratio):
+    """Every shortcut of the forward (tokens kept in the encoder's order, the masked rows' first LayerNorm
+    and qkv shared by the slots, W_s s + w_a log a for the concatenation, chunked qkv, in-place residuals,
+    the split head, the mixture per patch) against the plain computation: values and parameter gradients."""
+    model, _ = model_and_args("--num-slots", "4")
+    x = images(3)
+    weights = [torch.randn(3, 3, 16, 16), torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16)]
+    grads = []
+    for forward in (lambda: reference_forward(model, x, ratio),
+                    lambda: (lambda o: (o["recon"], o["masks"], o["slots"]))(model(x, mask_ratio=ratio))):
+        model.zero_grad()
+        torch.manual_seed(7)  # the same shuffle
+        outs = forward()
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, outs))
+    (ref, ref_out), (got, got_out) = grads
+    for r, g in zip(ref_out, got_out):
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4)
+    assert set(got) == set(ref) and bool(ref["mask_token"].any()) == (ratio > 0)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=2e-4, rtol=1e-3, msg=name)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5])
 def test_decoder_input_is_slot_embedding_at_visible_patches_and_mask_token_elsewhere(ratio):
-    """Sec. 3.1 written out patch by patch: the first decoder block sees, in raster order, the linear embedding
-    of the concatenation [s_k, log a_ik] (+ position) at each visible patch i and the mask token (+ position)
-    at the others."""
+    """Sec. 3.1 written out token by token: the first decoder block sees, for every slot, the linear
+    embedding of the concatenation [s_k, log a_ik] (+ position of patch i) for each visible patch i, in the
+    encoder's order, then the mask token (+ position) once at each masked patch; its precomputed qkv
+    projection equals the block's own on that input."""
     model, _ = model_and_args()
     seen = {}
-    model.decoder[0].register_forward_pre_hook(lambda m, a: seen.setdefault("y", a[0]))
-    torch.manual_seed(3)
+    model.decoder[0].register_forward_pre_hook(lambda m, a: seen.update(y=a[0], qkv=a[1]))
     out = model(images(2), mask_ratio=ratio)
     y = seen["y"].view(2, 3, 16, -1)  # (B, K, N, Dd)
-    log_a = out["attn"].log()  # (B, Nv, K)
+    torch.testing.assert_close(seen["qkv"], model.decoder[0].qkv(model.decoder[0].norm1(seen["y"])),
+                               atol=1e-5, rtol=1e-5)
+    log_a, keep, nv = out["attn"].log(), out["ids_keep"], out["ids_keep"].shape[1]
     for b in range(2):
-        keep = out["ids_keep"][b].tolist()
-        for i in range(16):
-            for k in range(3):
-                concat = torch.cat([out["slots"][b, k], log_a[b, keep.index(i), k, None]]) if i in keep else None
-                want = (model.decoder_embed(concat) if i in keep else model.mask_token[0, 0]) + model.dec_pos[0, i]
-                torch.testing.assert_close(y[b, k, i], want, atol=1e-5, rtol=1e-5)
+        masked = sorted(set(range(16)) - set(keep[b].tolist()))
+        for k in range(3):
+            for j, i in enumerate(keep[b].tolist()):
+                want = model.decoder_embed(torch.cat([out["slots"][b, k], log_a[b, j, k, None]])) + model.dec_pos[0, i]
+                torch.testing.assert_close(y[b, k, j], want, atol=1e-5, rtol=1e-5)
+            gaps = torch.cdist(y[b, k, nv:], (model.mask_token + model.dec_pos)[0])  # (N - Nv, N)
+            assert sorted(gaps.argmin(dim=1).tolist()) == masked and (gaps.min(dim=1).values < 1e-5).all()
 
 
 def test_sincos_position_embedding():
@@ -352,8 +421,9 @@ def test_training_applies_and_logs_the_scheduled_values(tmp_path, monkeypatch):
         model.encoder[0].register_forward_pre_hook(
             lambda m, a: seen.append({"train": model.training, "visible": a[0].shape[1] - args.num_slots}))
 
-        def mask_token_gap(m, a):  # distance of the decoder inputs to the mask token (+ position) at their position
-            seen[-1]["mask_token_gap"] = (a[0] - (model.mask_token + model.dec_pos)).norm(dim=-1).min().item()
+        def mask_token_gap(m, a):  # distance of the decoder inputs to the mask token at any position
+            bare = (model.mask_token + model.dec_pos)[0]  # (N, Dd)
+            seen[-1]["mask_token_gap"] = torch.cdist(a[0].flatten(0, 1), bare).min().item()
         model.decoder[0].register_forward_pre_hook(mask_token_gap)
         return model
 
