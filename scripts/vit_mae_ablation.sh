@@ -56,7 +56,7 @@ VARIANTS = [("full", []), ("no object entropy", ["--object-entropy", "0"]),
             ("no pixel entropy", ["--pixel-entropy", "0"]),
             ("neither entropy", ["--pixel-entropy", "0", "--object-entropy", "0"]),
             ("no masking", ["--mask-ratio", "0"])]
-IGNORED = {"out_dir", "run_name", "resume", "eval_only", "workers"}  # do not change what a run computes
+IGNORED = set(vit_mae_ocl.RUNTIME_KEYS)  # flags of one invocation: they do not change what a run computes
 base = ["--preset", preset, "--data", dataset, "--out-dir", out] + (["--steps", steps] if steps else [])
 base += shlex.split(extra)
 
