@@ -8,7 +8,7 @@ Paper
 What is implemented
   - Patch embedding (conv p x p, stride p), fixed 2-D sin-cos position embedding, MAE random
     masking: a per-sample shuffle by gather that keeps int(N * (1 - ratio)) patches (rounded down as the authors).
-  - K learned class tokens (init std 0.002, no position embedding) prepended to the visible
+  - K learned class tokens (init std 0.002, --token-init-std; no position embedding) prepended to the visible
     patches, optional Gaussian noise on them during warm-up (--token-noise); pre-norm ViT encoder
     (depth 4, MLP ratio 2, F.scaled_dot_product_attention).
   - Object function (Sec. 3.1): A = softmax_K(Z C^T / sqrt(D)) over the visible patch tokens Z and
@@ -98,11 +98,11 @@ PRESETS = {
     # the paper preset draws 60,000 of them, the size of the Tetrominoes / Multi-dSprites training files.
     "paper": dict(batch_size=128, epochs=300, warmup_epochs=10, cooldown_epochs=30, lr=5e-4, min_lr=1e-5,
                   grad_clip=0.0, enc_depth=4, dec_depth=2, log_every=100, eval_every=5_000, eval_size=320,
-                  save_every=5_000, train_size=60_000),
+                  save_every=5_000, train_size=60_000, token_init_std=0.002),
     # tiny: a CPU-sized run in steps (segments Tetrominoes in ~3.5 CPU minutes, docs/vit_mae_ocl.md).
     "tiny": dict(batch_size=16, steps=3_000, warmup_steps=300, cooldown_steps=300, lr=5e-4, min_lr=1e-5,
                  grad_clip=0.0, enc_depth=4, dec_depth=2, log_every=50, eval_every=500, eval_size=64,
-                 save_every=500),
+                 save_every=500, token_init_std=0.002),
 }
 # Per-data values of the paper (objectViTAE README.md commands; data.py get_resolution): resolution, patch,
 # initial mask ratio, K, encoder / decoder widths and heads, class-token noise in warm-up
@@ -163,6 +163,8 @@ def parse_args(argv=None):
     a("--eps", type=float, default=1e-8, help="epsilon in the slot weights a_ik / (sum_i a_ik + eps)")  # model.py 1e-8
     a("--mask-ratio", type=float, default=None, help="fraction of patches hidden from the encoder: held "
       "during warm-up, linear to 0 where the cool-down begins, then 0 (0: no masking)")
+    a("--token-init-std", type=float, default=None,  # objectViTAE model.py: normal_(cls_tokens, std=.002)
+      help="std of the class tokens' Gaussian initialisation (None: 0.002 as the authors; 1.0 with --preset tiny)")
     a("--token-noise", type=float, default=None,
       help="std of Gaussian noise added to the class tokens during warm-up only (None: per data set, 0.1 "
       "on ClevrTex as the authors; 0.1 with --preset tiny)")
@@ -230,7 +232,7 @@ def parse_args(argv=None):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     for k in ("warmup_steps", "cooldown_steps", "warmup_epochs", "cooldown_epochs", "grad_clip", "eval_every",
-              "workers", "lr", "min_lr", "weight_decay", "token_noise", "pixel_entropy", "object_entropy",
+              "workers", "lr", "min_lr", "weight_decay", "token_noise", "token_init_std", "pixel_entropy", "object_entropy",
               "pixel_entropy_init", "object_entropy_init"):
         if getattr(args, k) is not None and getattr(args, k) < 0:
             p.error(f"--{k.replace('_', '-')} must be non-negative, got {getattr(args, k)}")
@@ -323,14 +325,14 @@ class ObjectCentricMAE(nn.Module):
     -> broadcast over patches -> ViT decoder per slot -> RGB + alpha per pixel -> alpha compositing."""
 
     def __init__(self, resolution=64, patch_size=8, num_slots=6, enc_dim=384, enc_depth=4, enc_heads=8,
-                 dec_dim=256, dec_depth=2, dec_heads=8, mlp_ratio=2.0, eps=1e-8):
+                 dec_dim=256, dec_depth=2, dec_heads=8, mlp_ratio=2.0, eps=1e-8, token_init_std=0.002):
         super().__init__()
         self.p, self.grid, self.num_slots, self.eps = patch_size, resolution // patch_size, num_slots, eps
         n = self.grid ** 2
         self.patch_embed = nn.Conv2d(3, enc_dim, patch_size, stride=patch_size)
         self.register_buffer("enc_pos", sincos_2d(enc_dim, self.grid)[None], persistent=False)  # (1, N, D)
         self.register_buffer("dec_pos", sincos_2d(dec_dim, self.grid)[None], persistent=False)  # (1, N, Dd)
-        self.class_tokens = nn.Parameter(torch.randn(1, num_slots, enc_dim) * 0.002)  # no position embedding
+        self.class_tokens = nn.Parameter(torch.randn(1, num_slots, enc_dim) * token_init_std)  # no position embedding
         self.encoder = nn.ModuleList([Block(enc_dim, enc_heads, mlp_ratio) for _ in range(enc_depth)])
         self.enc_norm = nn.LayerNorm(enc_dim)
         self.decoder_embed = nn.Linear(enc_dim + 1, dec_dim)  # [s_k, log a_ik] -> decoder width (objectViTAE model.py)
@@ -411,7 +413,8 @@ class ObjectCentricMAE(nn.Module):
 
 def build_model(args):
     return ObjectCentricMAE(args.resolution, args.patch_size, args.num_slots, args.enc_dim, args.enc_depth,
-                            args.enc_heads, args.dec_dim, args.dec_depth, args.dec_heads, args.mlp_ratio, args.eps)
+                            args.enc_heads, args.dec_dim, args.dec_depth, args.dec_heads, args.mlp_ratio, args.eps,
+                            args.token_init_std)
 
 
 def attention_masks(out, grid, patch):

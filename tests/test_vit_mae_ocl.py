@@ -345,6 +345,15 @@ def test_per_data_defaults_win_over_the_preset(data_name, noise):
     assert vm.parse_args(["--data", data_name, "--token-noise", "0.3"]).token_noise == 0.3  # flags win
 
 
+def test_class_token_initialisation_std():
+    """objectViTAE model.py: normal_(cls_tokens, std=.002); --token-init-std changes it."""
+    assert vm.parse_args([]).token_init_std == 0.002
+    torch.manual_seed(0)
+    for std in (0.002, 1.0):
+        tokens = vm.ObjectCentricMAE(32, 4, 8, 64, 1, 4, 32, 1, 4, token_init_std=std).class_tokens  # 512 values
+        assert tokens.mean().abs() < 0.2 * std and abs(tokens.std().item() / std - 1) < 0.1
+
+
 def test_optimizer_groups_are_timms():
     """timm 0.5.4 add_weight_decay: no decay on 1-D parameters and on names ending in .bias, decay on the
     rest (class tokens, mask token, patch projection included); AdamW with its default betas and eps."""
