@@ -332,7 +332,8 @@ def test_tiny_preset_defaults():
     assert vm.parse_args(["--preset", "tiny", "--num-slots", "4"]).num_slots == 4  # the paper's K, by flag
     assert vm.parse_args(["--data", "tetrominoes"]).num_slots == 4  # the paper preset keeps the paper's K
     a = vm.parse_args(["--preset", "tiny", "--data", "shapes"])  # 64 px sets shrink to 32 px / patch 4
-    assert (a.resolution, a.patch_size, a.num_slots) == (32, 4, 6)
+    assert (a.resolution, a.patch_size, a.num_slots, a.token_init_std) == (32, 4, 6, 1.0)
+    assert vm.parse_args(["--preset", "tiny"]).token_init_std == 0.002  # Tetrominoes: as measured, the authors'
     assert vm.parse_args([]).data == "shapes"
 
 
