@@ -189,6 +189,62 @@ def test_shapes_and_masks_sum_to_one(target):
     assert dn.masks_at(out["masks"], (16, 16), args).shape == (2, 3, 16, 16)
 
 
+def algorithm1_iteration(sa, inputs, slots):
+    """One iteration of Algorithm 1 of arXiv 2006.15055, written out from the module's weights: LayerNorm the
+    inputs and the slots, softmax over SLOTS, + eps, renormalise over INPUTS (weighted mean), a GRU step written
+    gate by gate with the previous slots as hidden state, then the residual MLP on LayerNorm-ed slots."""
+    d = slots.shape[-1]
+    ln = lambda x, m: F.layer_norm(x, x.shape[-1:], m.weight, m.bias, m.eps)  # noqa: E731
+    x = ln(inputs, sa.norm_inputs)
+    w_k, w_v = key_value_weights(sa)
+    k, v = x @ w_k.T, x @ w_v.T  # (B, N, D)
+    q = ln(slots, sa.norm_slots) @ sa.to_q.weight.T  # (B, K, D)
+    logits = q @ k.transpose(1, 2) / math.sqrt(d)  # (B, K, N)
+    attn = torch.exp(logits - logits.max(1, keepdim=True).values)
+    attn = attn / attn.sum(1, keepdim=True) + sa.eps  # softmax over the K slots, then + eps
+    weights = attn / attn.sum(2, keepdim=True)  # each slot's weights over the N inputs sum to 1
+    u, h = weights @ v, slots  # updates (B, K, D), hidden state = previous slots
+    g = sa.gru
+    wi, wh = g.weight_ih.view(3, d, d), g.weight_hh.view(3, d, d)  # PyTorch gate order: reset, update, new
+    bi, bh = g.bias_ih.view(3, d), g.bias_hh.view(3, d)
+    r = torch.sigmoid(u @ wi[0].T + bi[0] + h @ wh[0].T + bh[0])
+    z = torch.sigmoid(u @ wi[1].T + bi[1] + h @ wh[1].T + bh[1])
+    n = torch.tanh(u @ wi[2].T + bi[2] + r * (h @ wh[2].T + bh[2]))
+    h = (1 - z) * n + z * h
+    fc1, fc2 = sa.mlp[0], sa.mlp[2]
+    return h + torch.relu(ln(h, sa.norm_mlp) @ fc1.weight.T + fc1.bias) @ fc2.weight.T + fc2.bias
+
+
+def key_value_weights(sa):
+    """(W_k, W_v), each (D, C), of a SlotAttention module."""
+    return sa.to_k.weight, sa.to_v.weight
+
+
+def test_slot_attention_equals_algorithm_1():
+    torch.manual_seed(0)
+    sa = dn.SlotAttention(num_slots=4, slot_dim=8, input_dim=6, mlp_hidden=12, iters=1)
+    with torch.no_grad():  # non-trivial LayerNorm affines, so a dropped norm or swapped one shows
+        for m in (sa.norm_inputs, sa.norm_slots, sa.norm_mlp):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.3)
+    inputs, slots = torch.randn(3, 10, 6) * 2, torch.randn(3, 4, 8)
+    out, attn = sa(inputs, slots)
+    torch.testing.assert_close(out, algorithm1_iteration(sa, inputs, slots), atol=1e-5, rtol=1e-5)
+    columns = attn.sum(1) if attn.shape[1] == 4 else attn.sum(2)  # the attention before eps: sums to 1 over slots
+    torch.testing.assert_close(columns, torch.ones_like(columns))
+
+
+def test_mlp_decoder_alpha_is_softmax_over_slots():
+    torch.manual_seed(0)
+    dec = dn.MLPDecoder(slot_dim=8, feat_dim=5, num_patches=6, hidden=16)
+    slots = torch.randn(2, 3, 8)
+    recon, masks = dec(slots)
+    x = torch.stack([torch.stack([dec.mlp(slots[b, k] + dec.pos[0, 0]) for k in range(3)]) for b in range(2)])
+    alpha = torch.exp(x[..., -1]) / torch.exp(x[..., -1]).sum(1, keepdim=True)  # (B, K, P) over the K slots
+    torch.testing.assert_close(masks, alpha, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(recon, (alpha[..., None] * x[..., :-1]).sum(1), atol=1e-5, rtol=1e-5)
+
+
 def test_patch_masks_are_upsampled_bilinearly():
     args = dn.parse_args(TINY)
     masks = torch.rand(1, 3, 16).softmax(1)  # a 4x4 patch grid
