@@ -29,8 +29,8 @@ Deviations and choices (each one stated so a reader can undo it)
   - Without --weights the ViT is randomly initialised (a fixed seed, so a checkpoint evaluates the same
     later); results are then meaningless and the run says so. "vit_tiny" (patch 4, 64-d, 2 blocks) exists
     only for the tests and the tiny preset; DINO released no such model.
-  - The block baseline splits the image into K rectangles: floor(sqrt(K)) rows of equal height, the columns
-    of each row as equal as possible (2209.14860 does not fix the layout; we state ours).
+  - The block baseline is OCLF's fixed layout (configs/evaluation/projects/bridging/metrics_coco_ccrop_random.yaml:
+    CreateRandomMaskPatterns(pattern=blocks, n_slots=11, n_cols=3)): three columns of 3, 3 and 5 blocks.
   - Horizontal flips (COCO by default) are drawn per (seed, step, rank, image), so resuming is exact. With a
     cache, both orientations of every training image are stored (twice the disk) instead of flipping features.
   - The image-target decoder's width is not given in 2306.02577; we use the CLEVR decoder of Slot Attention
@@ -144,11 +144,14 @@ def parse_args(argv=None):
     a("--var-eps", type=float, default=1e-4, help="epsilon inside the variance term's square root")
     a("--cos-margin", type=float, default=0.2, help="margin of the cosine slot loss")
     a("--baseline", choices=["blocks"], default=None, help="evaluate the fixed block-mask baseline and exit")
+    a("--block-slots", type=int, default=11, help="blocks of --baseline blocks (OCLF metrics_coco_ccrop_random: 11)")
+    a("--block-cols", type=int, default=3, help="columns of --baseline blocks (OCLF: 3; the last takes the rest)")
     a("--batch-size", type=int, default=None, help="images per step (per process under torchrun)")
     a("--steps", type=int, default=None, help="total optimiser steps")
     a("--lr", type=float, default=None, help="peak Adam learning rate")
     a("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up, in steps")
-    a("--decay-steps", type=int, default=None, help="lr is multiplied by 0.5^(step/decay_steps)")
+    a("--decay-steps", type=int, default=None,
+      help="after the warm-up, lr is multiplied by 0.5^((step - warmup_steps) / decay_steps)")
     a("--grad-clip", type=float, default=None, help="max gradient norm (0: no clipping; DINOSAUR: 1.0)")
     a("--seed", type=int, default=0, help="seeds python, numpy, torch, the data order and the flips")
     a("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu")
@@ -182,6 +185,8 @@ def parse_args(argv=None):
     for k in ("warmup_steps", "grad_clip", "eval_every", "workers", "beta", "lr"):
         if getattr(args, k) < 0:
             p.error(f"--{k.replace('_', '-')} must be non-negative, got {getattr(args, k)}")
+    if not 1 <= args.block_cols <= args.block_slots:
+        p.error(f"--block-cols must be between 1 and --block-slots ({args.block_slots}), got {args.block_cols}")
     patch = VIT_CONFIGS[args.vit][0]
     if args.resolution % patch:
         p.error(f"--resolution must be a multiple of the {args.vit} patch size {patch}, got {args.resolution}")
@@ -537,9 +542,12 @@ def compute_loss(out, target, args):
 
 
 def lr_at(step, args):
-    """Linear warm-up times 0.5^(step/decay_steps) from step 0 (2209.14860 App.; as Slot Attention)."""
-    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-    return args.lr * warm * 0.5 ** (step / args.decay_steps)
+    """lr of the optimiser step that follows `step` completed steps: linear warm-up step / warmup_steps, THEN
+    0.5^((step - warmup_steps) / decay_steps) (OCLF ocl/scheduling.py exponential_decay_after_optional_warmup,
+    as configured in bridging/dinosaur/_base_feature_recon.yaml: the decay starts after the warm-up, so the
+    peak lr is reached at step warmup_steps). Like OCLF's LambdaLR, the very first step runs at lr 0."""
+    warm = min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0
+    return args.lr * warm * 0.5 ** (max(0, step - args.warmup_steps) / args.decay_steps)
 
 
 def pick_device(name, local_rank):
@@ -681,17 +689,18 @@ def masks_at(masks, size, args):
     return F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)  # (B, K, H, W)
 
 
-def block_masks(k, h, w):
-    """The block baseline: K fixed rectangles, one-hot (K, h, w). floor(sqrt(K)) rows of equal height;
-    row r holds K // rows columns, the last K % rows rows one more."""
-    rows = max(1, math.isqrt(k))
-    per_row = [k // rows + (r >= rows - k % rows) for r in range(rows)]
-    row = (torch.arange(h) * rows // h)  # (h,) row of each pixel row
-    first = torch.tensor([0] + per_row).cumsum(0)  # slot id of each row's first block
-    cols = torch.tensor(per_row)[row]  # (h,) blocks in that row
-    col = torch.arange(w).view(1, -1) * cols.view(-1, 1) // w  # (h, w) block within its row
-    ids = first[row].view(-1, 1) + col  # (h, w)
-    return F.one_hot(ids, k).permute(2, 0, 1).float()  # (K, h, w)
+def block_masks(k, cols, h, w):
+    """The block baseline, one-hot (K, h, w), the same for every image: OCLF's layout (ocl/utils/masking.py
+    CreateRandomMaskPatterns(pattern=blocks)): `cols` columns of width ceil(w / cols); each holds K // cols
+    blocks, the last one K % cols more; a column of n blocks cuts rows of height ceil(h / n); slots are
+    numbered column by column, top to bottom. K=11, cols=3: columns of 3, 3 and 5 blocks."""
+    per_col = torch.full((cols,), k // cols)
+    per_col[-1] += k % cols
+    col = torch.arange(w) // math.ceil(w / cols)  # (w,) column of each pixel column
+    height = (h + per_col[col] - 1) // per_col[col]  # (w,) block height in that column: ceil(h / n)
+    row = torch.arange(h).view(-1, 1) // height.view(1, -1)  # (h, w) block within its column
+    first = torch.cat([per_col.new_zeros(1), per_col.cumsum(0)[:-1]])  # slot id of each column's top block
+    return F.one_hot(first[col].view(1, -1) + row, k).permute(2, 0, 1).float()  # (K, h, w)
 
 
 @torch.no_grad()
@@ -708,7 +717,8 @@ def evaluate(model, encoder, dataset, args, device, split_seed=1234):
         for batch in loader:
             size = tuple(batch["mask"].shape[-2:])
             if model is None:
-                masks, out = block_masks(args.num_slots, *size).expand(len(batch["mask"]), -1, -1, -1), {}
+                masks = block_masks(args.block_slots, args.block_cols, *size).expand(len(batch["mask"]), -1, -1, -1)
+                out = {}
                 image = batch["image"]
             else:
                 feats, image, target = prepare(batch, encoder, args, device)
@@ -889,9 +899,8 @@ def _main(args):
     while step < args.steps:
         batch = next(batches)
         feats, _, target = prepare(batch, encoder, args, device, flip_bits(step, args.batch_size, args, rank))
-        lr = lr_at(step, args)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr_at(step, args)
         with autocast(device, args.dtype):
             out = model(feats)
         terms = compute_loss(out, target, args)
@@ -918,7 +927,7 @@ def _main(args):
                                          f"last good checkpoint kept in {run_dir}")
             if is_main and (step % args.log_every == 0 or last):
                 dt = time.time() - t0
-                write({"step": step, "split": "train", **means, "lr": lr,
+                write({"step": step, "split": "train", **means, "lr": opt.param_groups[0]["lr"],
                        "images_per_s": n_sum * args.batch_size * world / dt, "peak_mem_mb": peak_memory_mb(device)})
                 bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{n_sum * args.batch_size * world / dt:.0f}",
                                 fg_ari=f"{fg_ari:.3f}")

@@ -290,13 +290,32 @@ def test_slot_permutation_equivariance(target):
     torch.testing.assert_close(b["recon"], a["recon"], atol=1e-5, rtol=1e-4)
 
 
-def test_block_masks_partition_the_image():
-    for k in (1, 4, 7, 11):
-        m = dn.block_masks(k, 20, 30)
-        assert m.shape == (k, 20, 30) and torch.equal(m.sum(0), torch.ones(20, 30))
-        assert (m.sum((1, 2)) > 0).all()  # every block non-empty
-    seven = dn.block_masks(7, 8, 12).argmax(0)
-    assert seven[0].unique().numel() == 3 and seven[-1].unique().numel() == 4  # rows of 3 and 4 blocks
+def oclf_blocks(k, cols, h, w):
+    """OCLF's CreateRandomMaskPatterns(pattern=blocks) as a loop over rectangles (ocl/utils/masking.py)."""
+    m, slot = torch.zeros(k, h, w), 0
+    for c in range(cols):
+        rows = k // cols + (k % cols if c == cols - 1 else 0)
+        bw, bh = math.ceil(w / cols), math.ceil(h / rows)
+        for r in range(rows):
+            m[slot, r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = 1
+            slot += 1
+    return m
+
+
+@pytest.mark.parametrize("k,cols,h,w", [(11, 3, 320, 320), (11, 3, 16, 16), (11, 3, 23, 31), (7, 2, 9, 13), (4, 1, 8, 8)])
+def test_block_masks_are_oclfs_layout(k, cols, h, w):
+    m = dn.block_masks(k, cols, h, w)
+    assert torch.equal(m, oclf_blocks(k, cols, h, w))
+    assert torch.equal(m.sum(0), torch.ones(h, w))
+
+
+def test_default_block_layout_is_three_columns_of_3_3_5():
+    args = dn.parse_args(["--baseline", "blocks"])
+    assert (args.block_slots, args.block_cols) == (11, 3)
+    ids = dn.block_masks(11, 3, 320, 320).argmax(0)  # (h, w) slot id
+    columns = [ids[:, x].unique().tolist() for x in (0, 160, 319)]
+    assert columns == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9, 10]]
+    assert ids[0].unique().tolist() == [0, 3, 6]  # the top row crosses the three columns
 
 
 def test_paper_preset_and_coco_defaults(tmp_path):
@@ -311,10 +330,35 @@ def test_paper_preset_and_coco_defaults(tmp_path):
     assert dn.parse_args(["--data", str(tmp_path), "--no-hflip", "--num-slots", "9"]).hflip is False
 
 
-def test_lr_schedule_known_values():
+def oclf_lr(step, peak, warmup, decay):
+    """OCLF _exp_decay_after_warmup_fn times the peak: min(1, s/w), and 0.5^((s - w)/d) only once s >= w."""
+    factor = min(1.0, step / warmup)
+    return peak * (factor if step < warmup else factor * 0.5 ** ((step - warmup) / decay))
+
+
+def test_lr_warms_up_then_decays_after_the_warmup():
     args = dn.parse_args(["--lr", "4e-4", "--warmup-steps", "10", "--decay-steps", "100"])
-    assert dn.lr_at(4, args) == pytest.approx(4e-4 * 0.5 * 0.5 ** 0.04)
-    assert dn.lr_at(100, args) == pytest.approx(4e-4 * 0.5)
+    assert dn.lr_at(10, args) == 4e-4  # the peak, undecayed, right after the warm-up
+    assert dn.lr_at(0, args) == 0 and dn.lr_at(4, args) == pytest.approx(4e-4 * 0.4)
+    assert dn.lr_at(110, args) == pytest.approx(2e-4)
+    for step in (0, 1, 9, 10, 11, 57, 110, 1234):
+        assert dn.lr_at(step, args) == pytest.approx(oclf_lr(step, 4e-4, 10, 100), rel=1e-12)
+
+
+def test_logged_lr_is_the_applied_lr(tmp_path, capsys, monkeypatch):
+    applied, real_step = [], torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        applied.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    code, err = run_main(tmp_path, capsys, "--steps", "6", "--log-every", "1", "--eval-every", "0", "--lr", "1e-3",
+                         "--warmup-steps", "3", "--decay-steps", "2", "--run-name", "r")
+    assert code == 0, err
+    logged = [l["lr"] for l in map(json.loads, (tmp_path / "r" / "metrics.jsonl").open()) if l["split"] == "train"]
+    assert logged == applied
+    assert applied == pytest.approx([oclf_lr(s, 1e-3, 3, 2) for s in range(6)], rel=1e-12)
 
 
 def test_flips_are_a_function_of_the_step():
@@ -471,7 +515,7 @@ def test_block_baseline(tmp_path):
     assert ev["baseline"] == "blocks" and 0 <= ev["mbo"] <= 1 and "mse" not in ev
     ds = data.make_dataset("shapes-binary", "test", 16)
     batch = ds.__getitems__(list(range(16)))
-    m = metrics.segmentation_metrics(batch["mask"], dn.block_masks(3, 16, 16).expand(16, -1, -1, -1), 1)
+    m = metrics.segmentation_metrics(batch["mask"], oclf_blocks(11, 3, 16, 16).expand(16, -1, -1, -1), 1)
     assert ev["fg_ari"] == pytest.approx(metrics.average_metrics(m)["fg_ari"])
     assert (tmp_path / "b" / "samples" / "blocks.png").is_file()
 
