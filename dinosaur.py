@@ -1,19 +1,13 @@
-"""DINOSAUR: slot attention on frozen self-supervised ViT features, and the experiments of arXiv 2306.02577.
+"""DINOSAUR: slot attention on frozen self-supervised ViT features, and the COCO experiments of arXiv 2306.02577.
 
 Papers
   Seitzer et al., "Bridging the Gap to Real-World Object-Centric Learning", ICLR 2023, arXiv 2209.14860.
   "Covariance / cosine regularisation of slots", arXiv 2306.02577 (COVLOSS, COSINELOSS, image target on COCO).
+  The authors' code decides where the papers are silent: amazon-science/object-centric-learning-framework
+  (OCLF, configs/experiment/projects/bridging/dinosaur/) and robert1003/slot-attention-disentanglement.
 
-What is implemented
-  - A DINO ViT written here (no timm), key for key the layout of the official DINO checkpoints (cls_token,
-    pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm), loaded
-    with strict=True and weights_only=True; LayerNorm eps 1e-6, exact GELU, scaled_dot_product_attention,
-    position embedding interpolated bicubically for other grids. `load_vit(name, weights)` returns it frozen;
-    its features are the last block's output, CLS dropped, WITHOUT the final LayerNorm (2209.14860 Sec. 4).
-  - The encoder runs under no_grad in eval mode; it is in neither the optimiser nor the checkpoint.
-    --cache-features DIR computes its features once per (data, split, resolution, ViT, weights, flip) as
-    float16 memory-mapped arrays with a manifest; a stale cache is detected from the manifest and rebuilt.
-  - Input MLP (LayerNorm, Linear D->D, ReLU, Linear D->slot_dim), no position embedding; Slot Attention
+What is implemented (model and objective first; the frozen ViT, the feature cache and the baseline below)
+  - Input MLP (LayerNorm, Linear D->D, ReLU, Linear D->slot_dim; no position embedding), Slot Attention
     (3 iterations, GRU, residual MLP 4 x slot_dim) with learned Gaussian slot initialisation.
   - --target features (DINOSAUR): MLP decoder, each slot broadcast over the P patches + a learned position
     embedding (std 0.02), shared MLP (3 x 2048, ReLU) to D + 1, alpha softmaxed over slots, reconstruction
@@ -21,9 +15,13 @@ What is implemented
     --target image (the baseline of 2306.02577): the same slots decoded by a spatial broadcast CNN decoder
     (CLEVR family of Slot Attention) to the image resized to --target-resolution (128), MSE on [-1, 1].
   - --loss mse | cov | vicreg | cosine with --beta: the slot regularisers of 2306.02577, as in slot_attention.py.
+  - The frozen encoder: a DINO ViT written here (no timm), key for key the layout of the official DINO
+    checkpoints, loaded strict and weights_only; its features are the last block's output, CLS dropped,
+    WITHOUT the final LayerNorm (2209.14860 Sec. 4). It runs under no_grad, is in neither the optimiser nor
+    the checkpoint, and --cache-features DIR stores its features once (float16, memory-mapped, with a manifest).
   - Evaluation: patch (or decoder) alpha masks resized bilinearly to the mask resolution, argmax; ARI, FG-ARI
-    (crowd / overlapping pixels ignored: data.py marks them -1), mIoU, mBO. --baseline blocks evaluates the
-    fixed block masks (same rectangles for every image) with the same metrics.
+    (crowd / overlapping pixels ignored: data.py marks them -1), mIoU, mBO. --baseline blocks scores OCLF's
+    fixed block masks with the same metrics.
 
 Deviations and choices (each one stated so a reader can undo it)
   - Without --weights the ViT is randomly initialised (a fixed seed, so a checkpoint evaluates the same
@@ -33,21 +31,12 @@ Deviations and choices (each one stated so a reader can undo it)
     CreateRandomMaskPatterns(pattern=blocks, n_slots=11, n_cols=3)): three columns of 3, 3 and 5 blocks.
   - Horizontal flips (COCO by default) are drawn per (seed, step, rank, image), so resuming is exact. With a
     cache, both orientations of every training image are stored (twice the disk) instead of flipping features.
-  - The image-target decoder's width is not given in 2306.02577; we use the CLEVR decoder of Slot Attention
-    (broadcast at target/16, 4 transposed convs stride 2, --dec-channels 64), which needs a multiple of 16.
   - COVLOSS under DDP uses the B*K slots of the local batch; --cov-norm dim (paper) or dim2 (reported runs).
 
-Commands
+Commands (docs/dinosaur.md has every reported configuration)
   GPU, DINOSAUR on COCO 2017 with the official DINO ViT-B/16 (224 px, K=7, 500k steps), cached features:
     python dinosaur.py --data /data/coco --vit vit_b16 --weights dino_vitbase16_pretrain.pth \\
         --cache-features /data/dino_cache --dtype bf16
-  The COCO experiments of arXiv 2306.02577 (add the --data/--weights/--cache-features flags above):
-    python dinosaur.py --target image --loss mse        # stripes
-    python dinosaur.py --target image --loss cov        # COVLOSS
-    python dinosaur.py --target image --loss cosine --beta 0.01
-    python dinosaur.py --loss cov                       # DINOSAUR + COV
-    python dinosaur.py --slot-dim 1024                  # collapse; add --loss cov to prevent it
-    python dinosaur.py --baseline blocks                # block masks
   CPU, tiny preset (random tiny ViT: shows the pipeline only):
     python dinosaur.py --preset tiny
   Several GPUs (or CPU processes with gloo):
@@ -63,6 +52,7 @@ import resource
 import shutil
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +68,6 @@ import metrics
 
 # --- Arguments
 
-# Per-preset defaults; explicit flags override. None in the parser means "from the preset".
 PRESETS = {
     "paper": dict(batch_size=64, steps=500_000, lr=4e-4, warmup_steps=10_000, decay_steps=100_000,
                   grad_clip=1.0, vit="vit_b16", resolution=224, slot_dim=256, dec_hidden=2048,
@@ -100,6 +89,7 @@ VIT_CONFIGS = {
     "vit_b16": (16, 768, 12, 12, 14), "vit_b8": (8, 768, 12, 12, 28),
     "vit_tiny": (4, 64, 2, 2, 8),  # tests and the tiny preset only (no released weights)
 }
+
 LOSSES = ("mse", "cov", "vicreg", "cosine")
 # Flags that define the network: --eval-only and --resume take them from the checkpoint.
 ARCH_KEYS = ("vit", "resolution", "num_slots", "slot_dim", "mlp_hidden", "dec_hidden", "dec_channels", "target",
@@ -202,141 +192,6 @@ def parse_args(argv=None):
 
 
 # --- Model
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection (DINO key names: attn.qkv, attn.proj)."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d), scale d^-0.5
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)  # exact GELU
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, patch, stride=patch)
-
-
-class VisionTransformer(nn.Module):
-    """DINO ViT backbone. forward: images in [0, 1] (B, 3, H, W) -> DINOSAUR features (B, N_patches, D):
-    ImageNet normalisation, patches + CLS + position embedding, all blocks; CLS dropped, final `norm` NOT
-    applied (it exists so that official checkpoints load strictly)."""
-
-    def __init__(self, patch, dim, depth, heads, grid):
-        super().__init__()
-        self.patch, self.dim, self.grid = patch, dim, grid
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
-        self.patch_embed = PatchEmbed(patch, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
-        for p in (self.cls_token, self.pos_embed):
-            nn.init.trunc_normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-
-    def position_embedding(self, gh, gw):
-        """pos_embed for a gh x gw patch grid; the patch part interpolated bicubically from the native grid."""
-        if (gh, gw) == (self.grid, self.grid):
-            return self.pos_embed
-        cls, patch = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, D), (1, g*g, D)
-        patch = rearrange(patch, "1 (h w) d -> 1 d h w", h=self.grid)  # (1, D, g, g)
-        patch = F.interpolate(patch, size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([cls, rearrange(patch, "1 d h w -> 1 (h w) d")], dim=1)  # (1, 1 + gh*gw, D)
-
-    def forward(self, image):
-        x = self.patch_embed.proj((image - self.mean) / self.std)  # (B, D, gh, gw)
-        gh, gw = x.shape[-2:]
-        x = rearrange(x, "b d h w -> b (h w) d")  # (B, N, D), row-major patches
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
-        x = x + self.position_embedding(gh, gw)
-        for block in self.blocks:
-            x = block(x)
-        return x[:, 1:]  # (B, N, D): CLS dropped, no final LayerNorm (2209.14860 Sec. 4)
-
-
-def state_hash(module):
-    """sha256 of a module's state dict (names, shapes, bytes): identifies the frozen encoder."""
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def load_vit(name, weights=None):
-    """Frozen DINO ViT `name` (see VIT_CONFIGS) in eval mode, requires_grad False.
-
-    weights: an official DINO backbone file (a plain state dict; a full training checkpoint's "teacher"
-    entry with its "module."/"backbone." prefixes is accepted too), loaded weights_only and strict. A file
-    of the wrong layout or shape raises data.DataError naming the first mismatching key. weights=None: a
-    random ViT, initialised from a fixed seed (the same every time, without touching the global RNG).
-    """
-    if name not in VIT_CONFIGS:
-        raise data.DataError(f"unknown ViT {name!r}; expected one of {', '.join(sorted(VIT_CONFIGS))}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vit = VisionTransformer(*VIT_CONFIGS[name])
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise data.DataError(f"{path}: weights file not found; expected an official DINO .pth")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise data.DataError(f"{path}: not a weights-only checkpoint ({type(e).__name__}); refusing to load it")
-        if isinstance(sd, dict) and "teacher" in sd:
-            sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd["teacher"].items()
-                  if not k.removeprefix("module.").startswith("head.")}
-        if not isinstance(sd, dict):
-            raise data.DataError(f"{path}: holds a {type(sd).__name__}, expected a state dict")
-        expected = vit.state_dict()
-        for k, v in expected.items():
-            if k not in sd:
-                raise data.DataError(f"{path}: missing key {k!r}; not a {name} DINO checkpoint")
-            if not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != tuple(v.shape):
-                got = tuple(sd[k].shape) if torch.is_tensor(sd[k]) else type(sd[k]).__name__
-                raise data.DataError(f"{path}: key {k!r} has shape {got}, expected {tuple(v.shape)} for {name}")
-        extra = [k for k in sd if k not in expected]
-        if extra:
-            raise data.DataError(f"{path}: unexpected key {extra[0]!r}; not a {name} DINO checkpoint")
-        vit.load_state_dict(sd, strict=True)
-    return vit.eval().requires_grad_(False)
 
 
 def position_grid(h, w, device=None):
@@ -508,7 +363,6 @@ def build_model(args):
                     args.iters, args.eps, args.implicit_grad, args.target, args.dec_hidden, args.dec_channels,
                     args.target_resolution, proj, args.proj_norm)
 
-
 # --- Objective
 
 
@@ -541,6 +395,115 @@ def compute_loss(out, target, args):
 # --- Training
 
 
+# The frozen encoder: DINO's ViT, written here key for key in the layout of the official checkpoints (cls_token,
+# pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm), so they load
+# strict; LayerNorm eps 1e-6, exact GELU, position embedding interpolated bicubically for other grids.
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)); one fused qkv projection."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)  # attribute order = the official key order
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))
+
+    def forward(self, x):
+        qkv = self.attn.qkv(self.norm1(x))  # (B, N, 3D)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d), scale d^-0.5
+        x = x + self.attn.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """DINO ViT backbone. forward: images in [0, 1] (B, 3, H, W) -> DINOSAUR features (B, N_patches, D):
+    ImageNet normalisation, patches + CLS + position embedding, all blocks; CLS dropped, final `norm` NOT
+    applied (it exists so that official checkpoints load strictly)."""
+
+    def __init__(self, patch, dim, depth, heads, grid):
+        super().__init__()
+        self.patch, self.dim, self.grid = patch, dim, grid
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, dim, patch, stride=patch)))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        for p in (self.cls_token, self.pos_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def position_embedding(self, gh, gw):
+        """pos_embed for a gh x gw patch grid; the patch part interpolated bicubically from the native grid."""
+        if (gh, gw) == (self.grid, self.grid):
+            return self.pos_embed
+        cls, patch = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, D), (1, g*g, D)
+        patch = rearrange(patch, "1 (h w) d -> 1 d h w", h=self.grid)  # (1, D, g, g)
+        patch = F.interpolate(patch, size=(gh, gw), mode="bicubic", align_corners=False)
+        return torch.cat([cls, rearrange(patch, "1 d h w -> 1 (h w) d")], dim=1)  # (1, 1 + gh*gw, D)
+
+    def forward(self, image):
+        x = self.patch_embed.proj((image - self.mean) / self.std)  # (B, D, gh, gw)
+        gh, gw = x.shape[-2:]
+        x = rearrange(x, "b d h w -> b (h w) d")  # (B, N, D), row-major patches
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        x = x + self.position_embedding(gh, gw)
+        for block in self.blocks:
+            x = block(x)
+        return x[:, 1:]  # (B, N, D): CLS dropped, no final LayerNorm (2209.14860 Sec. 4)
+
+
+def state_hash(module):
+    """sha256 of a module's state dict (names, shapes, bytes): identifies the frozen encoder."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_vit(name, weights=None):
+    """Frozen DINO ViT `name` (see VIT_CONFIGS) in eval mode, requires_grad False.
+
+    weights: an official DINO backbone file (a plain state dict; a full training checkpoint's "teacher"
+    entry with its "module."/"backbone." prefixes is accepted too), loaded weights_only and strict. A file
+    of the wrong layout or shape raises data.DataError naming the first mismatching key. weights=None: a
+    random ViT, initialised from a fixed seed (the same every time, without touching the global RNG).
+    """
+    if name not in VIT_CONFIGS:
+        raise data.DataError(f"unknown ViT {name!r}; expected one of {', '.join(sorted(VIT_CONFIGS))}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vit = VisionTransformer(*VIT_CONFIGS[name])
+    if weights is not None:
+        sd = load_checkpoint(weights, "weights file")
+        if isinstance(sd, dict) and "teacher" in sd:
+            sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd["teacher"].items()
+                  if not k.removeprefix("module.").startswith("head.")}
+        if not isinstance(sd, dict):
+            raise data.DataError(f"{weights}: holds a {type(sd).__name__}, expected a state dict")
+        expected = vit.state_dict()
+        for k, v in expected.items():
+            got = tuple(sd[k].shape) if torch.is_tensor(sd.get(k)) else None
+            if got != tuple(v.shape):
+                why = f"missing key {k!r}" if k not in sd else f"key {k!r} has shape {got}, expected {tuple(v.shape)}"
+                raise data.DataError(f"{weights}: {why}; not a {name} DINO checkpoint")
+        extra = [k for k in sd if k not in expected]
+        if extra:
+            raise data.DataError(f"{weights}: unexpected key {extra[0]!r}; not a {name} DINO checkpoint")
+        vit.load_state_dict(sd, strict=True)
+    return vit.eval().requires_grad_(False)
+
+
 def lr_at(step, args):
     """lr of the optimiser step that follows `step` completed steps: linear warm-up step / warmup_steps, THEN
     0.5^((step - warmup_steps) / decay_steps) (OCLF ocl/scheduling.py exponential_decay_after_optional_warmup,
@@ -562,11 +525,11 @@ def pick_device(name, local_rank):
     return torch.device(name)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, what="checkpoint"):
     """Weights-only load: a file that needs arbitrary unpickling is refused, never executed."""
     path = Path(path)
     if not path.is_file():
-        raise data.DataError(f"{path}: checkpoint not found")
+        raise data.DataError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for hostile files, RuntimeError for corrupt ones
@@ -586,70 +549,6 @@ def save_checkpoint(path, model, opt, scaler, step, args, encoder_sha):
 def autocast(device, dtype):
     dt = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return torch.autocast(device.type, dtype=dt, enabled=dt is not None)
-
-
-class FeatureCache(torch.utils.data.Dataset):
-    """A dataset whose batches carry `feat` float32 (B, V, P, D) read from a float16 memory-mapped array
-    (V = 2 orientations when flips are cached, else 1), plus the base dataset's image/mask if `with_images`."""
-
-    def __init__(self, base, file, with_images):
-        self.base, self.file, self.with_images, self._array = base, file, with_images, None
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getstate__(self):  # loader workers open their own map
-        return {**self.__dict__, "_array": None}
-
-    def __getitems__(self, indices):
-        if self._array is None:
-            self._array = np.load(self.file, mmap_mode="r")  # (V, N, P, D) float16
-        batch = self.base.__getitems__(indices) if self.with_images else {}
-        batch["feat"] = torch.from_numpy(self._array[:, np.asarray(indices)].astype(np.float32)).transpose(0, 1)
-        return batch
-
-
-def cached_features(encoder, dataset, split, args, device, encoder_sha, with_images, is_main, world):
-    """FeatureCache of `dataset` under args.cache_features, (re)built by rank 0 when missing or stale.
-
-    The manifest names everything the features depend on; any difference (other weights, resolution,
-    number of images, flips, data) means stale: the folder is rebuilt in a temporary folder, then swapped in.
-    """
-    flips = args.hflip and split == "train"
-    ident = str(Path(args.data).resolve()) if args.data not in data.BUILTIN else args.data
-    folder = Path(args.cache_features) / f"{Path(args.data).name}-{split}-{args.resolution}px-{args.vit}"
-    expected = dict(version=1, vit=args.vit, weights_sha256=encoder_sha, data=ident, split=split,
-                    resolution=args.resolution, count=len(dataset), hflip=flips, dtype="float16",
-                    patches=(args.resolution // encoder.patch) ** 2, dim=encoder.dim)
-    manifest = folder / "manifest.json"
-    if is_main:
-        found = json.loads(manifest.read_text()) if manifest.is_file() else None
-        if found != expected:
-            why = "missing" if found is None else "stale: " + ", ".join(
-                f"{k} {found.get(k)!r} != {v!r}" for k, v in expected.items() if found.get(k) != v)
-            print(f"feature cache {folder}: {why}; building {len(dataset)} images", file=sys.stderr)
-            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16,
-                                            shape=(1 + flips, len(dataset), expected["patches"], encoder.dim))
-            loader = data.make_loader(dataset, args.batch_size, shuffle=False)
-            i = 0
-            for batch in tqdm(loader, desc=f"caching {split}", dynamic_ncols=True):
-                image = batch["image"].to(device)
-                for v in range(1 + flips):  # orientation 0: as loaded; 1: flipped horizontally
-                    with autocast(device, args.dtype), torch.no_grad():
-                        f = encoder(image.flip(-1) if v else image)  # (B, P, D)
-                    arr[v, i:i + len(image)] = f.float().cpu().numpy().astype(np.float16)
-                i += len(image)
-            arr.flush()
-            del arr
-            (tmp / "manifest.json").write_text(json.dumps(expected, indent=2))  # written last: complete
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-    if world > 1:
-        torch.distributed.barrier()  # other ranks wait for rank 0's cache
-    return FeatureCache(dataset, folder / "features.npy", with_images)
 
 
 def flip_bits(step, n, args, rank):
@@ -689,20 +588,6 @@ def masks_at(masks, size, args):
     return F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)  # (B, K, H, W)
 
 
-def block_masks(k, cols, h, w):
-    """The block baseline, one-hot (K, h, w), the same for every image: OCLF's layout (ocl/utils/masking.py
-    CreateRandomMaskPatterns(pattern=blocks)): `cols` columns of width ceil(w / cols); each holds K // cols
-    blocks, the last one K % cols more; a column of n blocks cuts rows of height ceil(h / n); slots are
-    numbered column by column, top to bottom. K=11, cols=3: columns of 3, 3 and 5 blocks."""
-    per_col = torch.full((cols,), k // cols)
-    per_col[-1] += k % cols
-    col = torch.arange(w) // math.ceil(w / cols)  # (w,) column of each pixel column
-    height = (h + per_col[col] - 1) // per_col[col]  # (w,) block height in that column: ceil(h / n)
-    row = torch.arange(h).view(-1, 1) // height.view(1, -1)  # (h, w) block within its column
-    first = torch.cat([per_col.new_zeros(1), per_col.cumsum(0)[:-1]])  # slot id of each column's top block
-    return F.one_hot(first[col].view(1, -1) + row, k).permute(2, 0, 1).float()  # (K, h, w)
-
-
 @torch.no_grad()
 def evaluate(model, encoder, dataset, args, device, split_seed=1234):
     """Segmentation metrics and the reconstruction MSE on the first `eval_size` images of `dataset`;
@@ -738,13 +623,6 @@ def evaluate(model, encoder, dataset, args, device, split_seed=1234):
     if mse:
         result["mse"] = torch.cat(mse).mean().item()
     return result, first
-
-
-def base(dataset):
-    """The dataset under a Subset or a FeatureCache (for its attributes)."""
-    while isinstance(dataset, (torch.utils.data.Subset, FeatureCache)):
-        dataset = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset.base
-    return dataset
 
 
 def write_samples(path, image, masks, out):
@@ -951,6 +829,92 @@ def _main(args):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
+# Feature cache and the block baseline: what the training program needs around the model, kept out of its way.
+
+
+class FeatureCache(torch.utils.data.Dataset):
+    """A dataset whose batches carry `feat` float32 (B, V, P, D) read from a float16 memory-mapped array
+    (V = 2 orientations when flips are cached, else 1), plus the base dataset's image/mask if `with_images`."""
+
+    def __init__(self, base, file, with_images):
+        self.base, self.file, self.with_images, self._array = base, file, with_images, None
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getstate__(self):  # loader workers open their own map
+        return {**self.__dict__, "_array": None}
+
+    def __getitems__(self, indices):
+        if self._array is None:
+            self._array = np.load(self.file, mmap_mode="r")  # (V, N, P, D) float16
+        batch = self.base.__getitems__(indices) if self.with_images else {}
+        batch["feat"] = torch.from_numpy(self._array[:, np.asarray(indices)].astype(np.float32)).transpose(0, 1)
+        return batch
+
+
+def cached_features(encoder, dataset, split, args, device, encoder_sha, with_images, is_main, world):
+    """FeatureCache of `dataset` under args.cache_features, (re)built by rank 0 when missing or stale.
+
+    The manifest names everything the features depend on; any difference (other weights, resolution,
+    number of images, flips, data) means stale: the folder is rebuilt in a temporary folder, then swapped in.
+    """
+    flips = args.hflip and split == "train"
+    ident = str(Path(args.data).resolve()) if args.data not in data.BUILTIN else args.data
+    folder = Path(args.cache_features) / f"{Path(args.data).name}-{split}-{args.resolution}px-{args.vit}"
+    expected = dict(version=1, vit=args.vit, weights_sha256=encoder_sha, data=ident, split=split,
+                    resolution=args.resolution, count=len(dataset), hflip=flips, dtype="float16",
+                    patches=(args.resolution // encoder.patch) ** 2, dim=encoder.dim)
+    manifest = folder / "manifest.json"
+    if is_main:
+        found = json.loads(manifest.read_text()) if manifest.is_file() else None
+        if found != expected:
+            why = "missing" if found is None else "stale: " + ", ".join(
+                f"{k} {found.get(k)!r} != {v!r}" for k, v in expected.items() if found.get(k) != v)
+            print(f"feature cache {folder}: {why}; building {len(dataset)} images", file=sys.stderr)
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16,
+                                            shape=(1 + flips, len(dataset), expected["patches"], encoder.dim))
+            loader = data.make_loader(dataset, args.batch_size, shuffle=False)
+            i = 0
+            for batch in tqdm(loader, desc=f"caching {split}", dynamic_ncols=True):
+                image = batch["image"].to(device)
+                for v in range(1 + flips):  # orientation 0: as loaded; 1: flipped horizontally
+                    with autocast(device, args.dtype), torch.no_grad():
+                        f = encoder(image.flip(-1) if v else image)  # (B, P, D)
+                    arr[v, i:i + len(image)] = f.float().cpu().numpy().astype(np.float16)
+                i += len(image)
+            arr.flush()
+            del arr
+            (tmp / "manifest.json").write_text(json.dumps(expected, indent=2))  # written last: complete
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+    if world > 1:
+        torch.distributed.barrier()  # other ranks wait for rank 0's cache
+    return FeatureCache(dataset, folder / "features.npy", with_images)
+
+
+def base(dataset):
+    """The dataset under a Subset or a FeatureCache (for its attributes)."""
+    while isinstance(dataset, (torch.utils.data.Subset, FeatureCache)):
+        dataset = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset.base
+    return dataset
+
+
+def block_masks(k, cols, h, w):
+    """The block baseline, one-hot (K, h, w), the same for every image: OCLF's layout (ocl/utils/masking.py
+    CreateRandomMaskPatterns(pattern=blocks)): `cols` columns of width ceil(w / cols); each holds K // cols
+    blocks, the last one K % cols more; a column of n blocks cuts rows of height ceil(h / n); slots are
+    numbered column by column, top to bottom. K=11, cols=3: columns of 3, 3 and 5 blocks."""
+    per_col = torch.full((cols,), k // cols)
+    per_col[-1] += k % cols
+    col = torch.arange(w) // math.ceil(w / cols)  # (w,) column of each pixel column
+    height = (h + per_col[col] - 1) // per_col[col]  # (w,) block height in that column: ceil(h / n)
+    row = torch.arange(h).view(-1, 1) // height.view(1, -1)  # (h, w) block within its column
+    first = torch.cat([per_col.new_zeros(1), per_col.cumsum(0)[:-1]])  # slot id of each column's top block
+    return F.one_hot(first[col].view(1, -1) + row, k).permute(2, 0, 1).float()  # (K, h, w)
 
 if __name__ == "__main__":
     main()
