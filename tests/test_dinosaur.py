@@ -184,7 +184,7 @@ def test_shapes_and_masks_sum_to_one(target):
     else:
         assert out["recon"].shape == (2, 3, 16, 16) and out["masks"].shape == (2, 3, 16, 16)
         assert out["rgb"].shape == (2, 3, 3, 16, 16)
-    assert out["slots"].shape == (2, 3, 16) and out["attn"].shape == (2, 16, 3)
+    assert out["slots"].shape == (2, 3, 16) and out["attn"].shape == (2, 3, 16)
     torch.testing.assert_close(out["masks"].sum(1), torch.ones_like(out["masks"][:, 0]))
     assert dn.masks_at(out["masks"], (16, 16), args).shape == (2, 3, 16, 16)
 
@@ -216,8 +216,8 @@ def algorithm1_iteration(sa, inputs, slots):
 
 
 def key_value_weights(sa):
-    """(W_k, W_v), each (D, C), of a SlotAttention module."""
-    return sa.to_k.weight, sa.to_v.weight
+    """(W_k, W_v), each (D, C), of a SlotAttention module (stacked in its fused to_kv)."""
+    return sa.to_kv.weight.chunk(2, dim=0)
 
 
 def test_slot_attention_equals_algorithm_1():
@@ -230,8 +230,45 @@ def test_slot_attention_equals_algorithm_1():
     inputs, slots = torch.randn(3, 10, 6) * 2, torch.randn(3, 4, 8)
     out, attn = sa(inputs, slots)
     torch.testing.assert_close(out, algorithm1_iteration(sa, inputs, slots), atol=1e-5, rtol=1e-5)
-    columns = attn.sum(1) if attn.shape[1] == 4 else attn.sum(2)  # the attention before eps: sums to 1 over slots
-    torch.testing.assert_close(columns, torch.ones_like(columns))
+    assert attn.shape == (3, 4, 10)  # (B, K, N)
+    torch.testing.assert_close(attn.sum(1), torch.ones(3, 10))  # before eps: each input's column sums to 1
+
+
+def plain_layout_forward(sa, inputs, slots):
+    """The textbook (B, N, K) layout with separate k and v products, T iterations of the module's own step
+    pieces (norms, GRU, MLP): the fast (B, K, N) layout must give the same numbers."""
+    w_k, w_v = key_value_weights(sa)
+    x = sa.norm_inputs(inputs)
+    k, v = x @ w_k.T, x @ w_v.T  # (B, N, D)
+    for _ in range(sa.iters):
+        q = sa.to_q(sa.norm_slots(slots))
+        attn = torch.einsum("bnd,bkd->bnk", k, q).mul(sa.slot_dim ** -0.5).softmax(dim=-1)  # (B, N, K)
+        weights = (attn + sa.eps) / (attn + sa.eps).sum(dim=1, keepdim=True)
+        b, kk, d = slots.shape
+        h = sa.gru(torch.einsum("bnk,bnd->bkd", weights, v).reshape(b * kk, d), slots.reshape(b * kk, d))
+        slots = h.view(b, kk, d) + sa.mlp(sa.norm_mlp(h.view(b, kk, d)))
+    return slots, attn
+
+
+def test_fast_layout_equals_plain_layout():
+    torch.manual_seed(1)
+    sa = dn.SlotAttention(num_slots=5, slot_dim=16, input_dim=12, mlp_hidden=32, iters=3)
+    inputs, slots = torch.randn(2, 30, 12, requires_grad=True), torch.randn(2, 5, 16)
+    fast, attn = sa(inputs, slots)
+    plain, plain_attn = plain_layout_forward(sa, inputs, slots)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn, plain_attn.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    g_fast, = torch.autograd.grad(fast.square().sum(), inputs)
+    g_plain, = torch.autograd.grad(plain.square().sum(), inputs)
+    torch.testing.assert_close(g_fast, g_plain, atol=1e-5, rtol=1e-4)
+
+
+def test_implicit_grad_reaches_the_slot_distribution():
+    torch.manual_seed(0)
+    sa = dn.SlotAttention(num_slots=3, slot_dim=8, input_dim=8, mlp_hidden=16, implicit_grad=True)
+    slots, _ = sa(torch.randn(2, 10, 8))
+    slots.sum().backward()
+    assert sa.slots_mu.grad.abs().sum() > 0 and sa.slots_log_sigma.grad.abs().sum() > 0
 
 
 def test_mlp_decoder_alpha_is_softmax_over_slots():
