@@ -12,9 +12,12 @@ What is implemented (model and objective first; the frozen ViT, the feature cach
   - --target features (DINOSAUR): MLP decoder, each slot broadcast over the P patches + a learned position
     embedding (std 0.02), shared MLP (3 x 2048, ReLU) to D + 1, alpha softmaxed over slots, reconstruction
     sum_k alpha_k y_k, MSE to the frozen features (2209.14860 Sec. 3.2).
-    --target image (the baseline of 2306.02577): the same slots decoded by a spatial broadcast CNN decoder
-    (CLEVR family of Slot Attention) to the image resized to --target-resolution (128), MSE on [-1, 1].
-  - --loss mse | cov | vicreg | cosine with --beta: the slot regularisers of 2306.02577, as in slot_attention.py.
+    --target image: the same slots decoded by a spatial broadcast CNN to the image at --target-resolution
+    (128): --image-decoder savi (OCLF's image baseline, the "stripes" of 2306.02577, tanh, [-1, 1]) or adaptive
+    (robert1003's COVLOSS / COSINELOSS COCO runs, --image-range unit). The first layer after the broadcast is
+    computed without convolving the tiled slots (broadcast_conv, exact; --plain-decoder for the textbook way).
+  - --loss mse | cov | vicreg | cosine with --beta, --proj mlp | identity: the slot regularisers of 2306.02577
+    (Table 3's "DINOSAUR + covLoss" is vicreg on the identity, / D); the head runs in fp32 and only in training.
   - The frozen encoder: a DINO ViT written here (no timm), key for key the layout of the official DINO
     checkpoints, loaded strict and weights_only; its features are the last block's output, CLS dropped,
     WITHOUT the final LayerNorm (2209.14860 Sec. 4). It runs under no_grad, is in neither the optimiser nor
@@ -93,7 +96,8 @@ VIT_CONFIGS = {
 LOSSES = ("mse", "cov", "vicreg", "cosine")
 # Flags that define the network: --eval-only and --resume take them from the checkpoint.
 ARCH_KEYS = ("vit", "resolution", "num_slots", "slot_dim", "mlp_hidden", "dec_hidden", "dec_channels", "target",
-             "target_resolution", "iters", "eps", "implicit_grad", "loss", "proj_dim", "proj_norm", "data")
+             "image_decoder", "dec_convs", "target_resolution", "image_range", "iters", "eps", "implicit_grad",
+             "loss", "proj", "proj_dim", "proj_norm", "data")
 
 
 def parse_args(argv=None):
@@ -118,14 +122,24 @@ def parse_args(argv=None):
     a("--target", choices=["features", "image"], default="features",
       help="features: DINOSAUR's MLP decoder to the ViT features; image: CNN decoder to the image (2306.02577)")
     a("--dec-hidden", type=int, default=None, help="hidden width of the 3-hidden-layer MLP feature decoder")
-    a("--dec-channels", type=int, default=None, help="channels of the image-target CNN decoder")
-    a("--target-resolution", type=int, default=None, help="image side of --target image (multiple of 16)")
+    a("--image-decoder", choices=["savi", "adaptive"], default="savi",
+      help="--target image decoder: savi (OCLF's image baseline, the stripes) or adaptive (robert1003's COCO runs)")
+    a("--dec-channels", type=int, default=None, help="channels of the image decoder (savi: 64; adaptive: 32)")
+    a("--dec-convs", type=int, default=6, help="adaptive decoder: conv layers (stride-2 ones: convs - 2)")
+    a("--target-resolution", type=int, default=None,
+      help="image side of --target image (a multiple of 16 for savi, of 2^(convs-2) for adaptive)")
+    a("--image-range", choices=["signed", "unit"], default="signed",
+      help="--target image in [-1, 1] (OCLF, Slot Attention) or [0, 1] (robert1003's COCO runs)")
+    a("--plain-decoder", action="store_true",
+      help="image decoder: tile the slots and convolve (textbook) instead of the exact broadcast shortcut")
     a("--eps", type=float, default=1e-8, help="epsilon added to the attention before the weighted mean")
     a("--implicit-grad", action="store_true",
       help="implicit differentiation: backprop only through one final iteration on detached slots")
     a("--loss", choices=LOSSES, default="mse",
       help="mse: paper; cov: MSE + beta*cov; vicreg: MSE + beta*(var + cov); cosine: MSE + beta*cos")
     a("--beta", type=float, default=1.0, help="weight of the slot regulariser")
+    a("--proj", choices=["mlp", "identity"], default="mlp",
+      help="cov/vicreg on a projection head h(slots) (mlp) or on the slots themselves (identity)")
     a("--proj-dim", type=int, default=None, help="projection head output size for cov/vicreg")
     a("--proj-norm", choices=["layer", "batch"], default="layer", help="normalisation in the projection head")
     a("--cov-norm", choices=["dim", "dim2"], default="dim",
@@ -166,7 +180,7 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.mlp_hidden is None:
         args.mlp_hidden = 4 * args.slot_dim  # DINOSAUR: slot MLP 4 x dim
-    positive = ("resolution", "num_slots", "iters", "slot_dim", "mlp_hidden", "dec_hidden", "dec_channels",
+    positive = ("resolution", "num_slots", "iters", "slot_dim", "mlp_hidden", "dec_hidden", "dec_channels", "dec_convs",
                 "target_resolution", "batch_size", "steps", "proj_dim", "log_every", "save_every", "eval_size",
                 "decay_steps")
     for k in positive:
@@ -180,9 +194,10 @@ def parse_args(argv=None):
     patch = VIT_CONFIGS[args.vit][0]
     if args.resolution % patch:
         p.error(f"--resolution must be a multiple of the {args.vit} patch size {patch}, got {args.resolution}")
-    if args.target == "image" and args.target_resolution % 16:
-        p.error(f"the image decoder upsamples 16x from a broadcast grid: --target-resolution must be a "
-                f"multiple of 16, got {args.target_resolution}")
+    up = 2 ** (4 if args.image_decoder == "savi" else args.dec_convs - 2)
+    if args.target == "image" and (args.dec_convs < 2 or args.target_resolution % up):
+        p.error(f"the {args.image_decoder} decoder upsamples {up}x from a broadcast grid: --target-resolution must "
+                f"be a multiple of {up} (and --dec-convs at least 2), got {args.target_resolution}")
     if args.train_size is not None and args.train_size <= 0:
         p.error("--train-size must be positive")
     if args.cache_features and args.data in data.BUILTIN and args.train_size is None \
@@ -199,18 +214,6 @@ def position_grid(h, w, device=None):
     y, x = torch.meshgrid(torch.linspace(0, 1, h, device=device), torch.linspace(0, 1, w, device=device),
                           indexing="ij")
     return torch.stack([y, x, 1 - y, 1 - x], dim=-1)  # (h, w, 4)
-
-
-class SoftPositionEmbed(nn.Module):
-    """Adds a learned linear projection of the position grid to a (B, C, h, w) feature map."""
-
-    def __init__(self, channels, h, w):
-        super().__init__()
-        self.proj = nn.Linear(4, channels)
-        self.register_buffer("grid", position_grid(h, w), persistent=False)  # (h, w, 4)
-
-    def forward(self, x):
-        return x + rearrange(self.proj(self.grid), "h w c -> 1 c h w")  # (B, C, h, w)
 
 
 class SlotAttention(nn.Module):
@@ -294,28 +297,87 @@ class MLPDecoder(nn.Module):
         return torch.einsum("bkp,bkpd->bpd", masks, y), masks  # (B, P, D), (B, K, P)
 
 
-class BroadcastDecoder(nn.Module):
-    """Spatial broadcast CNN decoder (Slot Attention's CLEVR decoder) for --target image: each slot is
-    tiled on a (res/16)^2 grid, position-embedded, 4 transposed convs stride 2 + conv 5x5 + conv 3x3
-    to RGB (3) + alpha logit (1)."""
+def tap_sets(conv, g):
+    """(k, L) 0/1: which kernel taps of the square Conv2d / ConvTranspose2d `conv` reach each of the L output
+    positions along one axis when it runs on a g x g map (the layer applied to an all-ones row through one-hot
+    kernels). Interior positions see every tap (per output parity when strided); the zero padding and the
+    map's edge cut taps near a border."""
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    eye = torch.eye(k)
+    if isinstance(conv, nn.ConvTranspose2d):
+        return F.conv_transpose1d(torch.ones(1, 1, g), eye.view(1, k, k), stride=s, padding=p,
+                                  output_padding=conv.output_padding[0])[0]
+    return F.conv1d(torch.ones(1, 1, g), eye.view(k, 1, k), stride=s, padding=p)[0]
 
-    def __init__(self, slot_dim, channels, resolution):
+
+def broadcast_conv(conv, slots, pos, sets, index):
+    """conv(tile(slots) + pos) without tiling: the first layer of a spatial broadcast decoder (issue 20).
+
+    The layer is linear, so conv(tile(s) + pos) = conv(pos) + sum_c s_c R_c, where R_c is the bias-free layer
+    applied to an all-ones map in input channel c. Output pixel (y, x) is reached by the taps Ty(y) x Tx(x), so
+    R[c, o, y, x] = sum_{ky in Ty(y), kx in Tx(x)} W[c, o, ky, kx], one value per pair of distinct tap sets
+    (`sets` (k, U) = the distinct columns of tap_sets, `index` (L,) = the set of each position; U is 1 for a
+    1x1 layer, 5 for a 5x5 stride-2 transposed conv: the interior's two parities and three border cases). The
+    slots meet the kernel in one (M, D) x (D, O*U*U) product and each pixel gathers its value: exact, in
+    values and gradients, for a cost of M*D*O*U^2 instead of M*D*O*g^2*k^2. conv(pos) runs once, at batch 1.
+    slots (M, D), pos (1, D, g, g) -> (M, O, H, W).
+    """
+    w = conv.weight if isinstance(conv, nn.ConvTranspose2d) else conv.weight.transpose(0, 1)  # (D, O, k, k)
+    r = torch.einsum("dokl,ku,lv->douv", w, sets, sets)  # (D, O, U, U): the all-ones response per tap-set pair
+    per_slot = torch.einsum("md,douv->mouv", slots, r)  # (M, O, U, U)
+    return conv(pos) + per_slot[:, :, index[:, None], index[None, :]]  # (1, O, H, W) + (M, O, H, W)
+
+
+class ImageDecoder(nn.Module):
+    """Spatial broadcast decoder for --target image: each slot tiled on a g x g grid plus a position embedding,
+    decoded on its own to RGB (3) + alpha logit (1); alpha softmaxed over slots, recon = sum_k alpha_k rgb_k.
+
+    savi: OCLF experiment_image_feature_rec/coco_image_rec_base16_frozen.yaml, the image-reconstruction baseline
+        of 2209.14860 Sec. 4.3 (the "stripes" of 2306.02577): g = res/16 (8 at 128 px), embedding a Linear of
+        [y, x] in [-1, 1] (SoftPositionEmbed savi_style), ConvT 5x5 stride 2 D -> C, 3 more ConvT 5x5 stride 2,
+        ConvT 1x1 -> 4 (ocl/decoding.py get_savi_decoder_backbone, larger_input_arch, C = 64), tanh on the RGB.
+    adaptive: robert1003 af7b5f8 pytorch/model.py COCOAdaptiveDecoder (the COVLOSS and COSINELOSS COCO runs):
+        g = res / 2^(convs-2) (8 at 128 px with 6 convs), embedding a Linear of [y, x, 1-y, 1-x], a per-position
+        MLP D -> C -> C -> C (1x1 convs), (convs-2) x ConvT 5x5 stride 2, ConvT 5x5, ConvT 3x3 -> 4; RGB linear.
+
+    fast: the first layer after the broadcast through broadcast_conv (exact); fast=False tiles and convolves.
+    """
+
+    def __init__(self, kind, slot_dim, channels, resolution, convs=6, fast=True):
         super().__init__()
-        self.grid = resolution // 16
-        self.pos = SoftPositionEmbed(slot_dim, self.grid, self.grid)
-        layers, c = [], slot_dim
-        for _ in range(4):  # 8 -> 16 -> 32 -> 64 -> 128 at 128 px
-            layers += [nn.ConvTranspose2d(c, channels, 5, stride=2, padding=2, output_padding=1), nn.ReLU()]
-            c = channels
-        layers += [nn.Conv2d(c, channels, 5, padding=2), nn.ReLU(), nn.Conv2d(channels, 4, 3, padding=1)]
-        self.cnn = nn.Sequential(*layers)
+        self.kind, self.fast = kind, fast
+        self.grid = g = resolution // 2 ** (4 if kind == "savi" else convs - 2)
+        coords = position_grid(g, g)  # (g, g, 4): [y, x, 1-y, 1-x]
+        self.register_buffer("coords", coords[..., :2] * 2 - 1 if kind == "savi" else coords, persistent=False)
+        self.pos = nn.Linear(self.coords.shape[-1], slot_dim)
+
+        def up(c_in):  # 5x5 transposed conv, stride 2: doubles the side
+            return [nn.ConvTranspose2d(c_in, channels, 5, stride=2, padding=2, output_padding=1), nn.ReLU()]
+        if kind == "savi":
+            self.first = up(slot_dim)[0]
+            rest = [nn.ReLU(), *up(channels), *up(channels), *up(channels), nn.ConvTranspose2d(channels, 4, 1)]
+        else:
+            self.first = nn.Conv2d(slot_dim, channels, 1)  # the MLP's first Linear, at every position
+            rest = [nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, channels, 1)]
+            rest += [m for _ in range(convs - 2) for m in up(channels)]
+            rest += [nn.ConvTranspose2d(channels, channels, 5, padding=2), nn.ReLU(),
+                     nn.ConvTranspose2d(channels, 4, 3, padding=1)]
+        self.cnn = nn.Sequential(*rest)
+        sets, index = torch.unique(tap_sets(self.first, g), dim=1, return_inverse=True)  # (k, U), (L,)
+        self.register_buffer("sets", sets, persistent=False)
+        self.register_buffer("index", index, persistent=False)
 
     def forward(self, slots):
         b = slots.shape[0]
-        x = repeat(slots, "b k d -> (b k) d h w", h=self.grid, w=self.grid)  # (B*K, D, g, g)
-        x = rearrange(self.cnn(self.pos(x)), "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
-        rgb, masks = x[:, :, :3], x[:, :, 3].softmax(dim=1)  # (B, K, 3, H, W), (B, K, H, W) alpha over slots
-        return (masks.unsqueeze(2) * rgb).sum(dim=1), masks, rgb  # recon (B, 3, H, W) in [-1, 1]
+        pos = rearrange(self.pos(self.coords), "h w d -> 1 d h w")  # (1, D, g, g)
+        if self.fast:
+            x = broadcast_conv(self.first, slots.flatten(0, 1), pos, self.sets, self.index)  # (B*K, C, h, w)
+        else:
+            x = self.first(repeat(slots, "b k d -> (b k) d h w", h=self.grid, w=self.grid) + pos)  # tiled slots
+        x = rearrange(self.cnn(x), "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
+        rgb = torch.tanh(x[:, :, :3]) if self.kind == "savi" else x[:, :, :3]  # (B, K, 3, H, W)
+        masks = x[:, :, 3].softmax(dim=1)  # (B, K, H, W), alpha over slots
+        return (masks.unsqueeze(2) * rgb).sum(dim=1), masks, rgb  # recon (B, 3, H, W)
 
 
 class ProjectionHead(nn.Module):
@@ -329,48 +391,52 @@ class ProjectionHead(nn.Module):
                                  nn.Linear(proj_dim, proj_dim))
 
     def forward(self, slots):
-        return self.net(slots.flatten(0, 1))  # (B*K, P): covariance is over all slots of the batch
+        return self.net(slots)  # (B*K, P)
 
 
 class Dinosaur(nn.Module):
-    """Frozen features -> input MLP -> Slot Attention -> MLP feature decoder (or CNN image decoder)."""
+    """Frozen features -> input MLP -> Slot Attention -> decoder; the projection head (cov / vicreg) on the side.
 
-    def __init__(self, feat_dim, num_patches, num_slots=7, slot_dim=256, mlp_hidden=1024, iters=3, eps=1e-8,
-                 implicit_grad=False, target="features", dec_hidden=2048, dec_channels=64, target_resolution=128,
-                 proj_dim=None, proj_norm="layer"):
+    decoder: MLPDecoder (features) or ImageDecoder (image); projector: ProjectionHead, nn.Identity (the
+    regulariser on the slots themselves) or None."""
+
+    def __init__(self, feat_dim, slot_attention, decoder, projector=None):
         super().__init__()
-        self.target = target
-        # 2209.14860 Sec. 3.1: LayerNorm, Linear(D, D), ReLU, Linear(D, slot_dim); no position embedding.
+        # 2209.14860 Sec. 3.1 (OCLF build_two_layer_mlp, initial_layer_norm): LayerNorm, Linear(D, D), ReLU,
+        # Linear(D, slot_dim); no position embedding.
         self.input_mlp = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, feat_dim), nn.ReLU(),
-                                       nn.Linear(feat_dim, slot_dim))
-        self.slot_attention = SlotAttention(num_slots, slot_dim, slot_dim, mlp_hidden, iters, eps, implicit_grad)
-        self.decoder = (MLPDecoder(slot_dim, feat_dim, num_patches, dec_hidden) if target == "features"
-                        else BroadcastDecoder(slot_dim, dec_channels, target_resolution))
-        # Only the cov / vicreg objectives use a projection head; it trains with the model.
-        self.projector = ProjectionHead(slot_dim, proj_dim, proj_norm) if proj_dim else None
+                                       nn.Linear(feat_dim, slot_attention.slot_dim))
+        self.slot_attention, self.decoder, self.projector = slot_attention, decoder, projector
 
     def forward(self, feats, slots=None):
         """feats (B, P, D) frozen ViT features; slots: optional initial slots (B, K, Ds).
         masks: (B, K, P) patch alphas (features) or (B, K, h, w) decoder alphas (image)."""
         slots, attn = self.slot_attention(self.input_mlp(feats), slots)  # (B, K, Ds), (B, K, P)
-        if self.target == "features":
-            recon, masks = self.decoder(slots)  # (B, P, D), (B, K, P)
-            out = dict(recon=recon, masks=masks)
-        else:
-            recon, masks, rgb = self.decoder(slots)  # (B, 3, h, w), (B, K, h, w), (B, K, 3, h, w)
-            out = dict(recon=recon, masks=masks, rgb=rgb)
-        out.update(slots=slots, attn=attn)
-        if self.projector is not None:
-            out["proj"] = self.projector(slots)  # (B*K, P)
+        recon, masks, *rgb = self.decoder(slots)  # (B, P, D), (B, K, P) or (B, 3, h, w), (B, K, h, w), rgb
+        out = dict(recon=recon, masks=masks, slots=slots, attn=attn)
+        if rgb:
+            out["rgb"] = rgb[0]  # (B, K, 3, h, w)
+        if self.projector is not None and self.training:  # the regularisers only train; evaluation skips the head
+            with torch.autocast(feats.device.type, enabled=False):  # fp32: the reported covariance reaches ~1e-10
+                out["proj"] = self.projector(slots.flatten(0, 1).float())  # (B*K, P): covariance over all slots
         return out
 
 
 def build_model(args):
     patch, dim = VIT_CONFIGS[args.vit][:2]
-    proj = args.proj_dim if args.loss in ("cov", "vicreg") else None
-    return Dinosaur(dim, (args.resolution // patch) ** 2, args.num_slots, args.slot_dim, args.mlp_hidden,
-                    args.iters, args.eps, args.implicit_grad, args.target, args.dec_hidden, args.dec_channels,
-                    args.target_resolution, proj, args.proj_norm)
+    sa = SlotAttention(args.num_slots, args.slot_dim, args.slot_dim, args.mlp_hidden, args.iters, args.eps,
+                       args.implicit_grad)
+    if args.target == "features":
+        decoder = MLPDecoder(args.slot_dim, dim, (args.resolution // patch) ** 2, args.dec_hidden)
+    else:
+        decoder = ImageDecoder(args.image_decoder, args.slot_dim, args.dec_channels, args.target_resolution,
+                               args.dec_convs, fast=not args.plain_decoder)
+    projector = None
+    if args.loss in ("cov", "vicreg"):
+        projector = nn.Identity() if args.proj == "identity" else ProjectionHead(args.slot_dim, args.proj_dim,
+                                                                                 args.proj_norm)
+    return Dinosaur(dim, sa, decoder, projector)
+
 
 # --- Objective
 
@@ -584,9 +650,10 @@ def prepare(batch, encoder, args, device, flips=None):
         feats = feats.float()
     if args.target == "features":
         return feats, image, feats
-    small = F.interpolate(image, size=(args.target_resolution,) * 2, mode="bilinear", antialias=True,
-                          align_corners=False)
-    return feats, image, small * 2 - 1  # the image target works on [-1, 1] (2306.02577, as Slot Attention)
+    # OCLF _preprocessing_coco_dino_image_recon.yaml: the target is the image resized bicubically to 128 and
+    # clamped, normalised to [-1, 1]; robert1003's COCO runs kept [0, 1] (--image-range unit).
+    small = F.interpolate(image, size=(args.target_resolution,) * 2, mode="bicubic", antialias=True).clamp(0, 1)
+    return feats, image, small * 2 - 1 if args.image_range == "signed" else small
 
 
 def masks_at(masks, size, args):
@@ -634,16 +701,17 @@ def evaluate(model, encoder, dataset, args, device, split_seed=1234):
     return result, first
 
 
-def write_samples(path, image, masks, out):
+def write_samples(path, image, masks, out, args):
     """Input | reconstruction | argmax segmentation | each slot. With the feature target there is no image
     to show, so the 'reconstruction' paints each slot's region in the slot's mean input colour and the slot
     columns show the input under each mask."""
     image = image.float().cpu()
     size = image.shape[-2:]
-    if "rgb" in out:  # image target: the decoded image and each slot's RGB, resized to the input
-        rgb = F.interpolate(out["rgb"].float().flatten(0, 1), size=size, mode="bilinear").view(
-            *out["rgb"].shape[:3], *size).cpu().clamp(-1, 1) / 2 + 0.5  # (B, K, 3, H, W)
-        recon = (F.interpolate(out["recon"].float(), size=size, mode="bilinear").cpu().clamp(-1, 1) + 1) / 2
+    if "rgb" in out:  # image target: the decoded image and each slot's RGB, resized to the input, in [0, 1]
+        unit = (lambda x: x.clamp(-1, 1) / 2 + 0.5) if args.image_range == "signed" else (lambda x: x.clamp(0, 1))
+        rgb = unit(F.interpolate(out["rgb"].float().flatten(0, 1), size=size, mode="bilinear").view(
+            *out["rgb"].shape[:3], *size).cpu())  # (B, K, 3, H, W)
+        recon = unit(F.interpolate(out["recon"].float(), size=size, mode="bilinear").cpu())
     else:
         rgb = image.unsqueeze(1).expand(-1, masks.shape[1], -1, -1, -1)  # (B, K, 3, H, W)
         colour = torch.einsum("bkhw,bchw->bkc", masks, image) / masks.sum((2, 3)).clamp_min(1e-6)[..., None]
@@ -824,7 +892,7 @@ def _main(args):
             result, (image_s, masks_s, out_s) = evaluate(plain, encoder, test_ds if last else eval_ds, args, device)
             fg_ari = result.get("fg_ari", float("nan"))
             write({"step": step, "split": "eval", **result})
-            write_samples(run_dir / "samples" / f"step_{step:07d}.png", image_s, masks_s, out_s)
+            write_samples(run_dir / "samples" / f"step_{step:07d}.png", image_s, masks_s, out_s, args)
             if last:
                 (run_dir / "eval.json").write_text(json.dumps({"step": step, **result}, indent=2))
             t0 += time.time() - t_eval  # evaluation time does not count against images/s

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -317,6 +318,95 @@ def test_regulariser_weight_enters_the_total():
     torch.testing.assert_close(t["loss"], t["mse"] + 0.5 * (t["cov"] + t["var"]))
 
 
+def test_table3_covloss_is_variance_plus_covariance_of_the_slots_over_d():
+    """2306.02577 Table 3 "DINOSAUR + covLoss" (robert1003 db5b29a: --identity-proj --std_target 1 --var_weight 1
+    --cov_weight 1, no --cov-div-sq), transcribed: over the B*K slots, C = centred Z^T Z / (N - 1),
+    cov = sum_{i != j} C_ij^2 / D, var = mean_j relu(1 - sqrt(Var_j + 1e-4)); loss = MSE + var + cov."""
+    model, args = model_and_args("--loss", "vicreg", "--proj", "identity", "--cov-norm", "dim", "--var-gamma", "1")
+    assert isinstance(model.projector, torch.nn.Identity) and not any(model.projector.parameters())
+    feats = torch.randn(4, 16, 64)
+    out = model(feats)
+    t = dn.compute_loss(out, feats, args)
+    z = out["slots"].reshape(-1, 16).double()  # (B*K, D)
+    zc = z - z.mean(0)
+    c = zc.T @ zc / (len(z) - 1)
+    cov = (c.square().sum() - c.diagonal().square().sum()) / 16
+    var = torch.relu(1 - torch.sqrt(zc.square().sum(0) / (len(z) - 1) + 1e-4)).mean()
+    mse = ((out["recon"] - feats) ** 2).mean()
+    torch.testing.assert_close(t["cov"].double(), cov)
+    torch.testing.assert_close(t["var"].double(), var)
+    torch.testing.assert_close(t["loss"].double(), (mse + var + cov).double())
+
+
+def test_projection_head_runs_in_fp32_and_only_in_training():
+    model, args = model_and_args("--loss", "cov")
+    feats = torch.randn(2, 16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(feats)
+    assert out["recon"].dtype == torch.bfloat16 and out["proj"].dtype == torch.float32
+    assert "proj" not in model.eval()(feats)
+
+
+def test_image_target_range_and_resize():
+    batch = {"image": images(2, 32)}
+    for rng, lo in (("signed", -1), ("unit", 0)):
+        args = dn.parse_args(TINY + ["--resolution", "32", "--target", "image", "--image-range", rng])
+        _, _, target = dn.prepare(batch, dn.load_vit("vit_tiny"), args, torch.device("cpu"))
+        small = F.interpolate(batch["image"], size=(16, 16), mode="bicubic", antialias=True).clamp(0, 1)
+        torch.testing.assert_close(target, small * (1 - lo) + lo)
+
+
+@pytest.mark.parametrize("conv,g", [(torch.nn.ConvTranspose2d(6, 5, 5, stride=2, padding=2, output_padding=1), g)
+                                    for g in (1, 2, 3, 8)] + [
+    (torch.nn.Conv2d(6, 5, 5, padding=2), 4), (torch.nn.Conv2d(6, 5, 3), 5), (torch.nn.Conv2d(6, 5, 1), 8),
+    (torch.nn.Conv2d(6, 5, 3, stride=2, padding=1), 7), (torch.nn.ConvTranspose2d(6, 5, 3, padding=1), 6),
+    (torch.nn.ConvTranspose2d(6, 5, 4, stride=2, padding=1), 5)])
+def test_broadcast_conv_equals_tiling_then_convolving(conv, g):
+    torch.manual_seed(0)
+    slots, pos = torch.randn(4, 6, requires_grad=True), torch.randn(1, 6, g, g, requires_grad=True)
+    sets, index = torch.unique(dn.tap_sets(conv, g), dim=1, return_inverse=True)
+    fast = dn.broadcast_conv(conv, slots, pos, sets, index)
+    plain = conv(slots[:, :, None, None].expand(-1, -1, g, g) + pos)  # tile, add, convolve
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    up = torch.randn_like(plain)  # an arbitrary upstream gradient
+    wrt = (slots, pos, conv.weight, conv.bias)
+    for a, b in zip(torch.autograd.grad((fast * up).sum(), wrt), torch.autograd.grad((plain * up).sum(), wrt)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,res", [("savi", 16), ("savi", 64), ("adaptive", 16), ("adaptive", 32)])
+def test_image_decoder_fast_equals_plain(kind, res):
+    torch.manual_seed(0)
+    fast = dn.ImageDecoder(kind, 12, 8, res, convs=5)
+    plain = dn.ImageDecoder(kind, 12, 8, res, convs=5, fast=False)
+    plain.load_state_dict(fast.state_dict())
+    slots = torch.randn(2, 3, 12)
+    a, b = fast(slots), plain(slots)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert a[0].shape == (2, 3, res, res) and a[1].shape == (2, 3, res, res)
+    a[0].square().sum().backward()
+    b[0].square().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_image_decoders_are_the_authors():
+    savi = dn.ImageDecoder("savi", 256, 64, 128)  # OCLF coco_image_rec_base16_frozen at 128 px
+    convs = [m for m in savi.modules() if isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.Conv2d))]
+    assert savi.grid == 8 and [(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0]) for m in convs] == [
+        (256, 64, 5, 2), (64, 64, 5, 2), (64, 64, 5, 2), (64, 64, 5, 2), (64, 4, 1, 1)]
+    with torch.no_grad():
+        convs[-1].bias.fill_(5.0)  # raw RGB near 5: tanh squashes it into (-1, 1)
+    rgb = savi(torch.randn(1, 2, 256))[2]
+    assert 0.99 < rgb.max() < 1
+    ada = dn.ImageDecoder("adaptive", 64, 32, 128, convs=6)  # robert1003 COCOAdaptiveDecoder: 8x8, 32 ch, 6 convs
+    convt = [m for m in ada.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert ada.grid == 8 and len(convt) == 6 and [m.stride[0] for m in convt] == [2, 2, 2, 2, 1, 1]
+    assert [m.kernel_size[0] for m in convt] == [5, 5, 5, 5, 5, 3] and convt[-1].out_channels == 4
+    assert ada.pos.in_features == 4 and savi.pos.in_features == 2
+
+
 @pytest.mark.parametrize("target", ["features", "image"])
 def test_slot_permutation_equivariance(target):
     model, args = model_and_args("--target", target)
@@ -371,6 +461,41 @@ def oclf_lr(step, peak, warmup, decay):
     """OCLF _exp_decay_after_warmup_fn times the peak: min(1, s/w), and 0.5^((s - w)/d) only once s >= w."""
     factor = min(1.0, step / warmup)
     return peak * (factor if step < warmup else factor * 0.5 ** ((step - warmup) / decay))
+
+
+def docs_commands(coco):
+    """The `python dinosaur.py` lines of docs/dinosaur.md's command block, $COCO expanded, --data pointing at `coco`."""
+    block = (ROOT / "docs" / "dinosaur.md").read_text().split("```bash")[1].split("```")[0]
+    flags = shlex.split(block.split('COCO="')[1].split('"')[0].replace("/data/coco", str(coco)))
+    return [[f for w in shlex.split(line.split(" #")[0])[2:] for f in (flags if w == "$COCO" else [w])]
+            for line in block.splitlines() if line.startswith("python dinosaur.py")]
+
+
+def test_docs_commands_parse(tmp_path):
+    write_tiny_coco(tmp_path / "coco")
+    runs = [dn.parse_args(c) for c in docs_commands(tmp_path / "coco")]
+    pick = lambda **kw: [a for a in runs if all(getattr(a, k) == v for k, v in kw.items())]  # noqa: E731
+    paper = dict(vit="vit_b16", resolution=224, num_slots=7, hflip=True, batch_size=64, steps=500_000, lr=4e-4)
+    assert all(all(getattr(a, k) == v for k, v in paper.items()) for a in pick(data=str(tmp_path / "coco")))
+    assert len(pick(data=str(tmp_path / "coco"))) == 9
+    dino, = pick(target="features", loss="mse", dec_hidden=2048, slot_dim=256, baseline=None, eval_only=None,
+                 resume=None, preset="paper")
+    stripes, = pick(target="image", loss="mse")
+    assert (stripes.image_decoder, stripes.slot_dim, stripes.dec_channels, stripes.target_resolution,
+            stripes.image_range) == ("savi", 256, 64, 128, "signed")
+    cov, = pick(target="image", loss="cov")
+    assert (cov.image_decoder, cov.slot_dim, cov.dec_channels, cov.dec_convs, cov.target_resolution, cov.image_range,
+            cov.beta, cov.cov_norm, cov.proj, cov.proj_dim, cov.proj_norm) == (
+        "adaptive", 64, 32, 6, 128, "unit", 1.0, "dim2", "mlp", 1024, "layer")
+    cosine, = pick(target="image", loss="cosine")
+    assert (cosine.image_decoder, cosine.slot_dim, cosine.dec_channels, cosine.beta) == ("adaptive", 128, 32, 0.01)
+    table3 = pick(target="features", dec_hidden=3072)
+    assert sorted((a.slot_dim, a.loss) for a in table3) == [(256, "mse"), (256, "vicreg"), (1024, "mse"), (1024, "vicreg")]
+    assert all((a.proj, a.cov_norm, a.var_gamma, a.beta) == ("identity", "dim", 1.0, 1.0) for a in pick(loss="vicreg"))
+    assert len(pick(baseline="blocks")) == 1 and len(pick(preset="tiny")) == 1
+    for a in (cov, cosine):
+        out = dn.build_model(a)(torch.randn(1, 196, 768))
+        assert out["recon"].shape == (1, 3, 128, 128) and out["masks"].shape == (1, 7, 128, 128)
 
 
 def test_lr_warms_up_then_decays_after_the_warmup():
