@@ -324,8 +324,9 @@ def broadcast_conv(conv, slots, pos, sets, index):
     """
     w = conv.weight if isinstance(conv, nn.ConvTranspose2d) else conv.weight.transpose(0, 1)  # (D, O, k, k)
     r = torch.einsum("dokl,ku,lv->douv", w, sets, sets)  # (D, O, U, U): the all-ones response per tap-set pair
-    per_slot = torch.einsum("md,douv->mouv", slots, r)  # (M, O, U, U)
-    return conv(pos) + per_slot[:, :, index[:, None], index[None, :]]  # (1, O, H, W) + (M, O, H, W)
+    per_slot = torch.einsum("md,douv->muvo", slots, r)[:, index[:, None], index[None, :]]  # (M, H, W, O)
+    # (M, O, H, W) in channels-last memory, as the tiled path's output is: the next layers run the same kernels
+    return per_slot.permute(0, 3, 1, 2) + conv(pos)
 
 
 class ImageDecoder(nn.Module):
