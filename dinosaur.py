@@ -71,6 +71,11 @@ import metrics
 
 # --- Arguments
 
+# OCLF configs/experiment/projects/bridging/ (OCLF below): dinosaur/_base_feature_recon.yaml (Adam lr 0.0004,
+# exponential_decay_after_optional_warmup warmup_steps 10000 decay_steps 100000, gradient_clip_val 1.0) and
+# dinosaur/coco_feat_rec_dino_base16.yaml (8 devices x batch 8, max_steps 500000, vit_base_patch16_224_dino,
+# object_dim 256, PatchDecoder features [2048, 2048, 2048]); experiment_image_feature_rec/: target Resize 128,
+# get_savi_decoder_backbone channel_multiplier 1 (64 channels); proj_dim 1024: robert1003 train.py --proj_dim.
 PRESETS = {
     "paper": dict(batch_size=64, steps=500_000, lr=4e-4, warmup_steps=10_000, decay_steps=100_000,
                   grad_clip=1.0, vit="vit_b16", resolution=224, slot_dim=256, dec_hidden=2048,
@@ -80,7 +85,8 @@ PRESETS = {
                  vit="vit_tiny", resolution=32, slot_dim=32, dec_hidden=128, target_resolution=32,
                  dec_channels=16, log_every=50, eval_every=500, eval_size=64, save_every=500, proj_dim=128),
 }
-# Per-data defaults: K (2209.14860: 7 on COCO; the synthetic sets as in slot_attention.py) and flips.
+# Per-data defaults: K (OCLF RandomConditioning n_slots 7 on COCO; the synthetic sets as in slot_attention.py)
+# and flips (OCLF _preprocessing_coco_dino_feature_recon_ccrop.yaml: RandomHorizontalFlip in training).
 DATA_DEFAULTS = {
     "shapes": dict(num_slots=6, hflip=False), "shapes-colored": dict(num_slots=5, hflip=False),
     "shapes-binary": dict(num_slots=4, hflip=False), "tetrominoes": dict(num_slots=4, hflip=False),
@@ -166,7 +172,10 @@ def parse_args(argv=None):
     a("--run-name", default=None, help="run folder name (default: dinosaur-DATA-TARGET-LOSS-seedN)")
     a("--log-every", type=int, default=None, help="steps between train log lines")
     a("--eval-every", type=int, default=None, help="steps between evaluations (0: only at the end)")
-    a("--eval-size", type=int, default=None, help="held-out images per evaluation")
+    a("--eval-size", type=int, default=None, help="validation images per evaluation during training")
+    a("--test-size", type=int, default=None,
+      help="test images of the final evaluation and --eval-only (None: every one for a dataset folder, e.g. all "
+      "5,000 of COCO val2017 as OCLF's metrics_coco_ccrop; --eval-size for the built-in sets)")
     a("--save-every", type=int, default=None, help="steps between checkpoints")
     a("--resume", default=None, help="checkpoint to continue from (its run folder is reused)")
     a("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint on the test split, write eval.json")
@@ -178,6 +187,8 @@ def parse_args(argv=None):
     for k, v in {**DATA_DEFAULTS[key], **PRESETS[args.preset]}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.test_size is None and args.data in data.BUILTIN:
+        args.test_size = args.eval_size
     if args.mlp_hidden is None:
         args.mlp_hidden = 4 * args.slot_dim  # DINOSAUR: slot MLP 4 x dim
     positive = ("resolution", "num_slots", "iters", "slot_dim", "mlp_hidden", "dec_hidden", "dec_channels", "dec_convs",
@@ -198,8 +209,9 @@ def parse_args(argv=None):
     if args.target == "image" and (args.dec_convs < 2 or args.target_resolution % up):
         p.error(f"the {args.image_decoder} decoder upsamples {up}x from a broadcast grid: --target-resolution must "
                 f"be a multiple of {up} (and --dec-convs at least 2), got {args.target_resolution}")
-    if args.train_size is not None and args.train_size <= 0:
-        p.error("--train-size must be positive")
+    for k in ("train_size", "test_size"):
+        if getattr(args, k) is not None and getattr(args, k) <= 0:
+            p.error(f"--{k.replace('_', '-')} must be positive")
     if args.cache_features and args.data in data.BUILTIN and args.train_size is None \
             and not (args.eval_only or args.baseline):
         p.error(f"--cache-features on the built-in set {args.data} (1,000,000 training images) needs --train-size")
@@ -666,12 +678,12 @@ def masks_at(masks, size, args):
 
 
 @torch.no_grad()
-def evaluate(model, encoder, dataset, args, device, split_seed=1234):
-    """Segmentation metrics and the reconstruction MSE on the first `eval_size` images of `dataset`;
+def evaluate(model, encoder, dataset, args, device, size, split_seed=1234):
+    """Segmentation metrics and the reconstruction MSE on the first `size` images of `dataset` (None: all);
     model None evaluates the block baseline. RNG is forked so evaluation never changes training."""
     if model is not None:
         model.eval()
-    n = min(args.eval_size, len(dataset))
+    n = len(dataset) if size is None else min(size, len(dataset))
     loader = data.make_loader(torch.utils.data.Subset(dataset, range(n)), args.batch_size, shuffle=False)
     per_image, mse, first = {}, [], None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -691,7 +703,11 @@ def evaluate(model, encoder, dataset, args, device, split_seed=1234):
             if first is None:
                 first = (image, masks, out)
             if getattr(base(dataset), "has_masks", True):
-                m = metrics.segmentation_metrics(batch["mask"], masks, base(dataset).num_background)
+                nb = base(dataset).num_background
+                m = metrics.segmentation_metrics(batch["mask"], masks, nb)
+                m["fg_ari_oclf"] = m["fg_ari"].nan_to_num(1.0)  # OCLF's ARIMetric: no foreground scores 1
+                if "category" in batch:  # COCO: class-level best overlap beside the instance-level one
+                    m["mbo_c"] = metrics.mbo_class(batch["mask"], masks, batch["category"], nb)
                 for k, v in m.items():
                     per_image.setdefault(k, []).append(v)
     if model is not None:
@@ -769,7 +785,7 @@ def _main(args):
 
     if args.baseline:  # no network at all: fixed rectangles scored like a model's masks
         if is_main:
-            result, (image, masks, _) = evaluate(None, None, test_ds, args, device)
+            result, (image, masks, _) = evaluate(None, None, test_ds, args, device, args.test_size)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
             (run_dir / "eval.json").write_text(json.dumps({"baseline": args.baseline, **result}, indent=2))
@@ -794,15 +810,16 @@ def _main(args):
     def features(dataset, split, with_images):
         if not args.cache_features:
             return dataset
-        if split != "train":  # rank 0 alone evaluates, on the first eval_size images only
-            dataset = torch.utils.data.Subset(dataset, range(min(args.eval_size, len(dataset))))
+        if split != "train":  # rank 0 alone evaluates, on the first eval_size / test_size images only
+            n = args.eval_size if split == "val" else args.test_size or len(dataset)
+            dataset = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
         return cached_features(encoder, dataset, split, args, device, encoder_sha, with_images, is_main,
                                world if split == "train" else 1)
 
     if args.eval_only:
         test_ds = features(test_ds, "test", True) if is_main else test_ds
         if is_main:
-            result, (image, masks, out) = evaluate(model, encoder, test_ds, args, device)
+            result, (image, masks, out) = evaluate(model, encoder, test_ds, args, device, args.test_size)
             result["step"] = ckpt["step"]
             (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
             print(json.dumps(result))
@@ -890,7 +907,8 @@ def _main(args):
                 sums, n_sum, t0 = {}, 0, time.time()
         if is_main and ((args.eval_every and step % args.eval_every == 0) or last):
             t_eval = time.time()
-            result, (image_s, masks_s, out_s) = evaluate(plain, encoder, test_ds if last else eval_ds, args, device)
+            result, (image_s, masks_s, out_s) = evaluate(plain, encoder, test_ds if last else eval_ds, args, device,
+                                                         args.test_size if last else args.eval_size)
             fg_ari = result.get("fg_ari", float("nan"))
             write({"step": step, "split": "eval", **result})
             write_samples(run_dir / "samples" / f"step_{step:07d}.png", image_s, masks_s, out_s, args)

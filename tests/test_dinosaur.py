@@ -638,8 +638,9 @@ def test_cached_run_equals_uncached_and_eval_only(tmp_path, capsys):
     assert again["step"] == 4 and again["fg_ari"] == pytest.approx(ev["fg_ari"])
 
 
-def write_tiny_coco(root, n_train=8, n_val=4):
-    """A COCO 2017 folder: 24 x 32 images, each with one bright rectangle (a polygon) and a crowd strip (an RLE)."""
+def write_tiny_coco(root, n_train=8, n_val=4, empty=()):
+    """A COCO 2017 folder: 24 x 32 images, each with one bright rectangle (a polygon) and a crowd strip (an RLE);
+    the val images listed in `empty` have the crowd strip only (no foreground object)."""
     from PIL import Image
     (root / "annotations").mkdir(parents=True)
     for part, n in (("train2017", n_train), ("val2017", n_val)):
@@ -651,7 +652,8 @@ def write_tiny_coco(root, n_train=8, n_val=4):
             pixels[y0:y0 + 8, x0:x0 + 10] = torch.tensor([200, 60 + 20 * i, 90], dtype=torch.uint8)
             Image.fromarray(pixels.numpy()).save(root / part / f"{i}.jpg")
             images.append(dict(id=i, file_name=f"{i}.jpg", height=24, width=32))
-            anns.append(dict(image_id=i, iscrowd=0, segmentation=[[x0, y0, x0 + 9, y0, x0 + 9, y0 + 7, x0, y0 + 7]]))
+            if not (part == "val2017" and i in empty):
+                anns.append(dict(image_id=i, iscrowd=0, segmentation=[[x0, y0, x0 + 9, y0, x0 + 9, y0 + 7, x0, y0 + 7]]))
             anns.append(dict(image_id=i, iscrowd=1, segmentation=dict(counts=[23, 1] * 32, size=[24, 32])))
         (root / "annotations" / f"instances_{part}.json").write_text(
             json.dumps(dict(images=images, annotations=anns, categories=[dict(id=1, name="thing")])))
@@ -668,6 +670,16 @@ def test_coco_folder_with_flips_and_cache(tmp_path, capsys):
     assert manifest["hflip"] is True and manifest["count"] == 8
     ev = json.loads((tmp_path / "c" / "eval.json").read_text())
     assert ev["step"] == 2 and 0 <= ev["mbo"] <= 1 and -1 <= ev["fg_ari"] <= 1 and ev["fg_ari_skipped"] == 0
+
+
+def test_coco_final_evaluation_scores_every_val_image_and_empty_ones_both_ways(tmp_path, capsys):
+    write_tiny_coco(tmp_path / "coco", n_val=6, empty=(2,))
+    code, err = run_main(tmp_path, capsys, "--data", str(tmp_path / "coco"), "--baseline", "blocks", "--run-name", "b",
+                         "--eval-size", "2")
+    assert code == 0, err
+    ev = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert ev["fg_ari_skipped"] == 1  # all 6 val images scored (not --eval-size 2); the empty one skipped...
+    assert ev["fg_ari_oclf"] == pytest.approx((5 * ev["fg_ari"] + 1) / 6)  # ...or scored 1, as OCLF's ARIMetric
 
 
 def test_block_baseline(tmp_path):
