@@ -220,6 +220,8 @@ def test_mbo_class_known_values():
     assert metrics.mbo(true, pred).item() == pytest.approx(5 / 9)
     # classes: {1, 2} (class 7) IoU 2/3 with slot a, class 2 IoU 1 -> 5/6
     assert metrics.mbo_class(true, pred, category).item() == pytest.approx(5 / 6)
+    # a class mask (the category per pixel, overlaps given to the higher id): the same segments
+    assert metrics.mbo_class(torch.tensor([[[0, 7, 7, 2, 2, -1]]]), pred).item() == pytest.approx(5 / 6)
     assert torch.isnan(metrics.mbo_class(torch.zeros(1, 1, 6, dtype=torch.long), pred, category)).all()
     with pytest.raises(ValueError, match="category"):
         metrics.mbo_class(true, pred, category[:, :3])
