@@ -938,13 +938,16 @@ class FeatureCache(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.base)
 
+    def __getitem__(self, i):  # one sample, for a plain DataLoader; make_loader calls get_batch
+        return {k: v[0] for k, v in self.get_batch([i]).items()}
+
     def __getstate__(self):  # loader workers open their own map
         return {**self.__dict__, "_array": None}
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         if self._array is None:
             self._array = np.load(self.file, mmap_mode="r")  # (V, N, P, D) float16
-        batch = self.base.__getitems__(indices) if self.with_images else {}
+        batch = data.fetch_batch(self.base, indices) if self.with_images else {}
         batch["feat"] = torch.from_numpy(self._array[:, np.asarray(indices)].astype(np.float32)).transpose(0, 1)
         return batch
 
