@@ -3,40 +3,40 @@
 Papers
   Seitzer et al., "Bridging the Gap to Real-World Object-Centric Learning", ICLR 2023, arXiv 2209.14860.
   "Covariance / cosine regularisation of slots", arXiv 2306.02577 (COVLOSS, COSINELOSS, image target on COCO).
-  The authors' code decides where the papers are silent: amazon-science/object-centric-learning-framework
-  (OCLF, configs/experiment/projects/bridging/dinosaur/) and robert1003/slot-attention-disentanglement.
+  Where the papers are silent the authors' code decides: amazon-science/object-centric-learning-framework
+  (OCLF, configs/experiment/projects/bridging/) and robert1003/slot-attention-disentanglement (its README's commits).
 
 What is implemented (model and objective first; the frozen ViT, the feature cache and the baseline below)
   - Input MLP (LayerNorm, Linear D->D, ReLU, Linear D->slot_dim; no position embedding), Slot Attention
-    (3 iterations, GRU, residual MLP 4 x slot_dim) with learned Gaussian slot initialisation.
+    (3 iterations, GRU, residual MLP 4 x slot_dim; the class of slot_attention.py) with learned Gaussian slots.
   - --target features (DINOSAUR): MLP decoder, each slot broadcast over the P patches + a learned position
     embedding (std 0.02), shared MLP (3 x 2048, ReLU) to D + 1, alpha softmaxed over slots, reconstruction
     sum_k alpha_k y_k, MSE to the frozen features (2209.14860 Sec. 3.2).
-    --target image: the same slots decoded by a spatial broadcast CNN to the image at --target-resolution
-    (128): --image-decoder savi (OCLF's image baseline, the "stripes" of 2306.02577, tanh, [-1, 1]) or adaptive
-    (robert1003's COVLOSS / COSINELOSS COCO runs, --image-range unit). The first layer after the broadcast is
-    computed without convolving the tiled slots (broadcast_conv, exact; --plain-decoder for the textbook way).
+    --target image: a spatial broadcast CNN to the image at --target-resolution (128): --image-decoder savi
+    (OCLF's image baseline, the "stripes" of 2306.02577: tanh, [-1, 1]) or adaptive (robert1003's COVLOSS /
+    COSINELOSS COCO runs, with --image-range unit). The first layer after the broadcast is computed without
+    convolving the tiled slots (broadcast_conv, exact; --plain-decoder for the textbook way).
   - --loss mse | cov | vicreg | cosine with --beta, --proj mlp | identity: the slot regularisers of 2306.02577
     (Table 3's "DINOSAUR + covLoss" is vicreg on the identity, / D); the head runs in fp32 and only in training.
-  - The frozen encoder: a DINO ViT written here (no timm), key for key the layout of the official DINO
-    checkpoints, loaded strict and weights_only; its features are the last block's output, CLS dropped,
-    WITHOUT the final LayerNorm (2209.14860 Sec. 4). It runs under no_grad, is in neither the optimiser nor
-    the checkpoint, and --cache-features DIR stores its features once (float16, memory-mapped, with a manifest).
-  - Evaluation: patch (or decoder) alpha masks resized bilinearly to the mask resolution, argmax; ARI, FG-ARI
-    (crowd / overlapping pixels ignored: data.py marks them -1), mIoU, mBO. --baseline blocks scores OCLF's
-    fixed block masks with the same metrics.
+  - The frozen encoder: a DINO ViT written here (no timm), key for key the official checkpoints, loaded strict
+    and weights_only; features = the last block's output, CLS dropped, WITHOUT the final LayerNorm (2209.14860
+    Sec. 4); under no_grad, in neither optimiser nor checkpoint; --cache-features DIR stores them once.
+  - Evaluation: patch (or decoder) alphas resized bilinearly to the masks, argmax; ARI, FG-ARI, mIoU, mBO. On
+    COCO as OCLF's metrics_coco_ccrop: 224-px centre crops, masks nearest-exact + centre-cropped at 320 (the
+    decoder's 128 px for --target image), crowd annotations dropped (coco_nocrowd), overlaps ignored, all 5,000
+    val2017 images in eval.json, mBO^c (mbo_c) beside mBO; fg_ari skips images without an object, fg_ari_oclf
+    scores them 1 as OCLF does. --baseline blocks scores OCLF's fixed 11 blocks with the same metrics.
 
 Deviations and choices (each one stated so a reader can undo it)
   - Without --weights the ViT is randomly initialised (a fixed seed, so a checkpoint evaluates the same
     later); results are then meaningless and the run says so. "vit_tiny" (patch 4, 64-d, 2 blocks) exists
     only for the tests and the tiny preset; DINO released no such model.
-  - The block baseline is OCLF's fixed layout (configs/evaluation/projects/bridging/metrics_coco_ccrop_random.yaml:
-    CreateRandomMaskPatterns(pattern=blocks, n_slots=11, n_cols=3)): three columns of 3, 3 and 5 blocks.
   - Horizontal flips (COCO by default) are drawn per (seed, step, rank, image), so resuming is exact. With a
     cache, both orientations of every training image are stored (twice the disk) instead of flipping features.
-  - COVLOSS under DDP uses the B*K slots of the local batch; --cov-norm dim (paper) or dim2 (reported runs).
+  - robert1003's COCO runs decay the lr from step 0 and use their own input MLP; every setting here uses OCLF's
+    schedule and DINOSAUR's input MLP (docs/dinosaur.md). COVLOSS under DDP uses the local batch's B*K slots.
 
-Commands (docs/dinosaur.md has every reported configuration)
+Commands (docs/dinosaur.md has one for every reported configuration)
   GPU, DINOSAUR on COCO 2017 with the official DINO ViT-B/16 (224 px, K=7, 500k steps), cached features:
     python dinosaur.py --data /data/coco --vit vit_b16 --weights dino_vitbase16_pretrain.pth \\
         --cache-features /data/dino_cache --dtype bf16
@@ -106,6 +106,14 @@ ARCH_KEYS = ("vit", "resolution", "num_slots", "slot_dim", "mlp_hidden", "dec_hi
              "loss", "proj", "proj_dim", "proj_norm", "data")
 
 
+def data_key(name):
+    """The DATA_DEFAULTS entry of --data: a built-in name, "coco" for a COCO 2017 folder, else "other"."""
+    if name in DATA_DEFAULTS:
+        return name
+    coco = Path(name).is_dir() and any((Path(name) / "annotations").glob("instances_*2017.json"))
+    return "coco" if coco else "other"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DINOSAUR (arXiv 2209.14860) on a frozen DINO ViT, with the "
                                 "experiments of arXiv 2306.02577.",
@@ -113,7 +121,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--preset", choices=["paper", "tiny"], default="paper",
       help="paper: the paper's configuration; tiny: a random tiny ViT and a CPU-sized model. Flags override.")
-    a("--data", default="shapes", help="built-in set (%s) or a dataset path (COCO 2017 folder)" % ", ".join(data.BUILTIN))
+    a("--data", default="shapes", help=f"built-in set ({', '.join(data.BUILTIN)}) or a dataset path (COCO 2017 folder)")
     a("--train-size", type=int, default=None, help="use only the first N training images (None: all)")
     a("--vit", choices=sorted(VIT_CONFIGS), default=None, help="frozen DINO ViT architecture")
     a("--weights", default=None, help="official DINO backbone .pth (None: random ViT, results meaningless)")
@@ -172,6 +180,9 @@ def parse_args(argv=None):
     a("--run-name", default=None, help="run folder name (default: dinosaur-DATA-TARGET-LOSS-seedN)")
     a("--log-every", type=int, default=None, help="steps between train log lines")
     a("--eval-every", type=int, default=None, help="steps between evaluations (0: only at the end)")
+    a("--mask-resolution", type=int, default=None,
+      help="COCO: side of the evaluation masks (None: 320 for --target features as OCLF's metrics_coco_ccrop, "
+      "--target-resolution for --target image as OCLF's image baseline and robert1003's runs)")
     a("--eval-size", type=int, default=None, help="validation images per evaluation during training")
     a("--test-size", type=int, default=None,
       help="test images of the final evaluation and --eval-only (None: every one for a dataset folder, e.g. all "
@@ -181,12 +192,12 @@ def parse_args(argv=None):
     a("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint on the test split, write eval.json")
     args = p.parse_args(argv)
 
-    key = args.data if args.data in DATA_DEFAULTS else (
-        "coco" if Path(args.data).is_dir() and any((Path(args.data) / "annotations").glob("instances_*2017.json"))
-        else "other")
+    key = data_key(args.data)
     for k, v in {**DATA_DEFAULTS[key], **PRESETS[args.preset]}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.mask_resolution is not None and key != "coco":
+        p.error("--mask-resolution applies to a COCO folder only")
     if args.test_size is None and args.data in data.BUILTIN:
         args.test_size = args.eval_size
     if args.mlp_hidden is None:
@@ -209,7 +220,7 @@ def parse_args(argv=None):
     if args.target == "image" and (args.dec_convs < 2 or args.target_resolution % up):
         p.error(f"the {args.image_decoder} decoder upsamples {up}x from a broadcast grid: --target-resolution must "
                 f"be a multiple of {up} (and --dec-convs at least 2), got {args.target_resolution}")
-    for k in ("train_size", "test_size"):
+    for k in ("train_size", "test_size", "mask_resolution"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive")
     if args.cache_features and args.data in data.BUILTIN and args.train_size is None \
@@ -677,6 +688,14 @@ def masks_at(masks, size, args):
     return F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)  # (B, K, H, W)
 
 
+def eval_masks(out, size, args, n):
+    """(n, K, *size) masks the metrics score: the block baseline's rectangles when out is None (the same for every
+    image, cut at `size` as OCLF cuts them at the masks' 320 px), else the model's alphas resized bilinearly."""
+    if out is None:
+        return block_masks(args.block_slots, args.block_cols, *size).expand(n, -1, -1, -1)
+    return masks_at(out["masks"], tuple(size), args).cpu()
+
+
 @torch.no_grad()
 def evaluate(model, encoder, dataset, args, device, size, split_seed=1234):
     """Segmentation metrics and the reconstruction MSE on the first `size` images of `dataset` (None: all);
@@ -689,25 +708,21 @@ def evaluate(model, encoder, dataset, args, device, size, split_seed=1234):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(split_seed)
         for batch in loader:
-            size = tuple(batch["mask"].shape[-2:])
-            if model is None:
-                masks = block_masks(args.block_slots, args.block_cols, *size).expand(len(batch["mask"]), -1, -1, -1)
-                out = {}
-                image = batch["image"]
-            else:
+            out, image = None, batch["image"]
+            if model is not None:
                 feats, image, target = prepare(batch, encoder, args, device)
                 with autocast(device, args.dtype):
                     out = model(feats)
                 mse.append(((out["recon"].float() - target) ** 2).flatten(1).mean(dim=1).cpu())
-                masks = masks_at(out["masks"], size, args).cpu()  # (B, K, H, W)
-            if first is None:
-                first = (image, masks, out)
+            masks = eval_masks(out, batch["mask"].shape[-2:], args, len(image))  # (B, K, H, W); COCO: 320 px
+            if first is None:  # the sample grid shows them at the image's resolution
+                first = (image, eval_masks(out, image.shape[-2:], args, len(image)), out or {})
             if getattr(base(dataset), "has_masks", True):
                 nb = base(dataset).num_background
                 m = metrics.segmentation_metrics(batch["mask"], masks, nb)
                 m["fg_ari_oclf"] = m["fg_ari"].nan_to_num(1.0)  # OCLF's ARIMetric: no foreground scores 1
-                if "category" in batch:  # COCO: class-level best overlap beside the instance-level one
-                    m["mbo_c"] = metrics.mbo_class(batch["mask"], masks, batch["category"], nb)
+                if "class_mask" in batch:  # COCO: class-level best overlap beside the instance-level one
+                    m["mbo_c"] = metrics.mbo_class(batch["class_mask"], masks, num_background=nb)
                 for k, v in m.items():
                     per_image.setdefault(k, []).append(v)
     if model is not None:
@@ -773,7 +788,11 @@ def _main(args):
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)  # slot noise differs across ranks, as in a bigger batch
 
-    test_ds = data.make_dataset(args.data, "test", args.resolution)
+    if data_key(args.data) == "coco" and args.mask_resolution is None:  # after the checkpoint's --target
+        args.mask_resolution = 320 if args.target == "features" else args.target_resolution
+    # COCO: evaluation masks at their own resolution (nearest-exact + centre crop, crowd dropped: data.py)
+    held_out = {"mask_resolution": args.mask_resolution} if args.mask_resolution else {}
+    test_ds = data.make_dataset(args.data, "test", args.resolution, **held_out)
     if args.resume or args.eval_only:
         run_dir = Path(args.resume or args.eval_only).parent
     else:
@@ -829,7 +848,7 @@ def _main(args):
     train_ds = data.make_dataset(args.data, "train", args.resolution, **data_opts)
     if args.train_size and args.data not in data.BUILTIN:
         train_ds = torch.utils.data.Subset(train_ds, range(min(args.train_size, len(train_ds))))
-    eval_ds = data.make_dataset(args.data, "val", args.resolution)
+    eval_ds = data.make_dataset(args.data, "val", args.resolution, **held_out)
     train_ds = features(train_ds, "train", args.target == "image")
     if is_main:  # only rank 0 evaluates
         test_ds, eval_ds = features(test_ds, "test", True), features(eval_ds, "val", True)

@@ -429,7 +429,8 @@ def oclf_blocks(k, cols, h, w):
     return m
 
 
-@pytest.mark.parametrize("k,cols,h,w", [(11, 3, 320, 320), (11, 3, 16, 16), (11, 3, 23, 31), (7, 2, 9, 13), (4, 1, 8, 8)])
+@pytest.mark.parametrize("k,cols,h,w", [(11, 3, 320, 320), (11, 3, 16, 16), (11, 3, 23, 31), (7, 2, 9, 13),
+                                        (4, 1, 8, 8)])
 def test_block_masks_are_oclfs_layout(k, cols, h, w):
     m = dn.block_masks(k, cols, h, w)
     assert torch.equal(m, oclf_blocks(k, cols, h, w))
@@ -490,7 +491,8 @@ def test_docs_commands_parse(tmp_path):
     cosine, = pick(target="image", loss="cosine")
     assert (cosine.image_decoder, cosine.slot_dim, cosine.dec_channels, cosine.beta) == ("adaptive", 128, 32, 0.01)
     table3 = pick(target="features", dec_hidden=3072)
-    assert sorted((a.slot_dim, a.loss) for a in table3) == [(256, "mse"), (256, "vicreg"), (1024, "mse"), (1024, "vicreg")]
+    assert sorted((a.slot_dim, a.loss) for a in table3) == [(256, "mse"), (256, "vicreg"), (1024, "mse"),
+                                                            (1024, "vicreg")]
     assert all((a.proj, a.cov_norm, a.var_gamma, a.beta) == ("identity", "dim", 1.0, 1.0) for a in pick(loss="vicreg"))
     assert len(pick(baseline="blocks")) == 1 and len(pick(preset="tiny")) == 1
     for a in (cov, cosine):
@@ -671,6 +673,7 @@ def test_coco_folder_with_flips_and_cache(tmp_path, capsys):
     assert manifest["hflip"] is True and manifest["count"] == 8
     ev = json.loads((tmp_path / "c" / "eval.json").read_text())
     assert ev["step"] == 2 and 0 <= ev["mbo"] <= 1 and -1 <= ev["fg_ari"] <= 1 and ev["fg_ari_skipped"] == 0
+    assert 0 <= ev["mbo_c"] <= 1 and args["mask_resolution"] == 320
 
 
 def test_coco_final_evaluation_scores_every_val_image_and_empty_ones_both_ways(tmp_path, capsys):
@@ -681,6 +684,15 @@ def test_coco_final_evaluation_scores_every_val_image_and_empty_ones_both_ways(t
     ev = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert ev["fg_ari_skipped"] == 1  # all 6 val images scored (not --eval-size 2); the empty one skipped...
     assert ev["fg_ari_oclf"] == pytest.approx((5 * ev["fg_ari"] + 1) / 6)  # ...or scored 1, as OCLF's ARIMetric
+    assert json.loads((tmp_path / "b" / "args.json").read_text())["mask_resolution"] == 320
+    # OCLF metrics_coco_ccrop: 320-px masks (crowd dropped: background, not ignored), the 11 blocks cut at 320
+    batch = data.make_dataset(tmp_path / "coco", "test", 16, mask_resolution=320).get_batch(list(range(6)))
+    assert batch["mask"].shape == (6, 320, 320) and (batch["mask"] >= 0).all()
+    blocks = oclf_blocks(11, 3, 320, 320).expand(6, -1, -1, -1)
+    m = metrics.average_metrics(metrics.segmentation_metrics(batch["mask"], blocks, 1))
+    m["mbo_c"] = metrics.average_metrics({"x": metrics.mbo(batch["class_mask"], blocks, 1)})["x"]
+    for k in ("fg_ari", "ari", "miou", "mbo", "mbo_c"):
+        assert ev[k] == pytest.approx(m[k]), k
 
 
 def test_block_baseline(tmp_path):
