@@ -695,6 +695,22 @@ def test_coco_final_evaluation_scores_every_val_image_and_empty_ones_both_ways(t
         assert ev[k] == pytest.approx(m[k]), k
 
 
+def test_eval_only_resolves_the_coco_protocol_for_its_own_data(tmp_path, capsys):
+    write_tiny_coco(tmp_path / "coco")
+    assert run_main(tmp_path, capsys, "--data", str(tmp_path / "coco"), "--steps", "2", "--eval-every", "0",
+                    "--run-name", "c")[0] == 0
+    ckpt = str(tmp_path / "c" / "checkpoint.pt")
+    code, err = run_main(tmp_path, capsys, "--eval-only", ckpt, "--data", "shapes-binary", "--test-size", "4")
+    assert code == 0, err  # the COCO run's 320-px masks do not follow the checkpoint onto a built-in set
+    ev = json.loads((tmp_path / "c" / "eval.json").read_text())
+    assert (ev["data"], ev["mask_resolution"], ev["test_size"]) == ("shapes-binary", None, 4) and "mbo_c" not in ev
+    code, err = run_main(tmp_path, capsys, "--eval-only", ckpt, "--data", str(tmp_path / "coco"),
+                         "--mask-resolution", "64")
+    assert code == 0, err
+    ev = json.loads((tmp_path / "c" / "eval.json").read_text())
+    assert (ev["mask_resolution"], ev["test_size"]) == (64, None) and 0 <= ev["mbo_c"] <= 1
+
+
 def test_block_baseline(tmp_path):
     r = run_cli(tmp_path, "--baseline", "blocks", "--run-name", "b", "--eval-size", "16")
     assert r.returncode == 0, r.stderr
