@@ -249,10 +249,13 @@ def position_grid(h, w, device=None):
 class SlotAttention(nn.Module):
     """Algorithm 1 of arXiv 2006.15055: iterative attention in which slots compete for inputs.
 
-    Layout: the attention is kept as (B, K, N), so the softmax over the K slots runs over dim 1 and the
-    renormalisation over the N inputs runs over the contiguous last dimension (a softmax over a last dimension
-    of size K is slow); k and v come from one fused (C -> 2D) Linear. The numbers are those of the textbook
-    (B, N, K) form, tested against a transcription of Algorithm 1.
+    Fast form, same numbers (tested against a transcription of Algorithm 1):
+      - the attention is (B, K, N): the softmax over the K slots runs over dim 1, the renormalisation over the
+        N inputs over the contiguous last dimension (a softmax over a last dimension of size K is slow);
+      - keys and values are never materialised. With x_n the normalised inputs, by associativity
+            q_k . k_n = q_k . (W_k x_n) = (W_k^T q_k) . x_n   and   sum_n w_kn v_n = W_v (sum_n w_kn x_n),
+        so W_k and W_v (one Linear, to_kv) act on K slot-sized vectors instead of N inputs: the (N, C) x (C, 2D)
+        projection and its backward disappear, and the attention reads x directly (C = D here: no larger).
     """
 
     def __init__(self, num_slots, slot_dim, input_dim, mlp_hidden, iters=3, eps=1e-8, implicit_grad=False):
@@ -267,7 +270,7 @@ class SlotAttention(nn.Module):
         self.norm_slots = nn.LayerNorm(slot_dim)
         self.norm_mlp = nn.LayerNorm(slot_dim)
         self.to_q = nn.Linear(slot_dim, slot_dim, bias=False)
-        self.to_kv = nn.Linear(input_dim, 2 * slot_dim, bias=False)  # [W_k; W_v], one matrix product
+        self.to_kv = nn.Linear(input_dim, 2 * slot_dim, bias=False)  # weight [W_k; W_v], each (D, C)
         self.gru = nn.GRUCell(slot_dim, slot_dim)
         self.mlp = nn.Sequential(nn.Linear(slot_dim, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, slot_dim))
 
@@ -276,36 +279,36 @@ class SlotAttention(nn.Module):
         noise = torch.randn(batch_size, self.num_slots, self.slot_dim, device=self.slots_mu.device)
         return self.slots_mu + self.slots_log_sigma.exp() * noise
 
-    def step(self, slots, k_t, v):
-        """One iteration. slots (B, K, D); k_t (B, D, N) keys pre-scaled by D^-0.5; v (B, N, D).
+    def step(self, slots, x):
+        """One iteration. slots (B, K, D); x (B, N, C) the normalised inputs.
         Returns the new slots and the attention before +eps, (B, K, N)."""
-        q = self.to_q(self.norm_slots(slots))  # (B, K, D)
-        attn = torch.bmm(q, k_t).softmax(dim=1)  # (B, K, N): softmax over slots, the slots compete for each input
+        w_k, w_v = self.to_kv.weight.chunk(2)  # (D, C) each
+        q = self.to_q(self.norm_slots(slots)) * self.slot_dim ** -0.5  # (B, K, D), the logits' scale applied here
+        attn = torch.bmm(q @ w_k, x.transpose(1, 2)).softmax(dim=1)  # (B, K, N): softmax over slots, they compete
         weights = attn + self.eps
         weights = weights / weights.sum(dim=-1, keepdim=True)  # (B, K, N): weighted mean over the inputs
-        updates = torch.bmm(weights, v)  # (B, K, D)
+        updates = torch.bmm(weights, x) @ w_v.T  # (B, K, D)
         b, kk, d = slots.shape
         slots = self.gru(updates.reshape(b * kk, d), slots.reshape(b * kk, d)).reshape(b, kk, d)  # hidden: previous
         return slots + self.mlp(self.norm_mlp(slots)), attn  # residual MLP
 
     def forward(self, inputs, slots=None):
         """inputs (B, N, C); slots: optional initial slots (B, K, D), else sampled."""
-        k, v = self.to_kv(self.norm_inputs(inputs)).chunk(2, dim=-1)  # (B, N, D) each
-        k_t = (k * self.slot_dim ** -0.5).transpose(1, 2).contiguous()  # (B, D, N): the logits' scale, once
+        x = self.norm_inputs(inputs)  # (B, N, C)
         if slots is None:
             slots = self.sample_slots(inputs.shape[0])
         if self.implicit_grad:  # Chang et al. 2022: iterate without a graph, differentiate one last step
             init = slots
             with torch.no_grad():
                 for _ in range(self.iters):
-                    slots, _ = self.step(slots, k_t, v)
+                    slots, _ = self.step(slots, x)
             # Straight-through to the initialisation (BO-QSA, Jia et al. 2023): the value is the detached fixed
             # point, the gradient reaches mu and sigma as if d slots / d init = I. Without it they get no
             # gradient, which DDP rejects at the second step.
-            return self.step(slots.detach() + init - init.detach(), k_t, v)
+            return self.step(slots.detach() + init - init.detach(), x)
         attn = None
         for _ in range(self.iters):
-            slots, attn = self.step(slots, k_t, v)
+            slots, attn = self.step(slots, x)
         return slots, attn
 
 
@@ -327,36 +330,31 @@ class MLPDecoder(nn.Module):
         return torch.einsum("bkp,bkpd->bpd", masks, y), masks  # (B, P, D), (B, K, P)
 
 
-def tap_sets(conv, g):
-    """(k, L) 0/1: which kernel taps of the square Conv2d / ConvTranspose2d `conv` reach each of the L output
-    positions along one axis when it runs on a g x g map (the layer applied to an all-ones row through one-hot
-    kernels). Interior positions see every tap (per output parity when strided); the zero padding and the
-    map's edge cut taps near a border."""
-    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    eye = torch.eye(k)
-    if isinstance(conv, nn.ConvTranspose2d):
-        return F.conv_transpose1d(torch.ones(1, 1, g), eye.view(1, k, k), stride=s, padding=p,
-                                  output_padding=conv.output_padding[0])[0]
-    return F.conv1d(torch.ones(1, 1, g), eye.view(k, 1, k), stride=s, padding=p)[0]
+def broadcast_conv(slots, pos, conv):
+    """conv(tile(s) + P) for every slot s, without convolving the tiled slot (exact).
 
-
-def broadcast_conv(conv, slots, pos, sets, index):
-    """conv(tile(slots) + pos) without tiling: the first layer of a spatial broadcast decoder (issue 20).
-
-    The layer is linear, so conv(tile(s) + pos) = conv(pos) + sum_c s_c R_c, where R_c is the bias-free layer
-    applied to an all-ones map in input channel c. Output pixel (y, x) is reached by the taps Ty(y) x Tx(x), so
-    R[c, o, y, x] = sum_{ky in Ty(y), kx in Tx(x)} W[c, o, ky, kx], one value per pair of distinct tap sets
-    (`sets` (k, U) = the distinct columns of tap_sets, `index` (L,) = the set of each position; U is 1 for a
-    1x1 layer, 5 for a 5x5 stride-2 transposed conv: the interior's two parities and three border cases). The
-    slots meet the kernel in one (M, D) x (D, O*U*U) product and each pixel gathers its value: exact, in
-    values and gradients, for a cost of M*D*O*U^2 instead of M*D*O*g^2*k^2. conv(pos) runs once, at batch 1.
-    slots (M, D), pos (1, D, g, g) -> (M, O, H, W).
+    A tiled slot is constant over the grid and a convolution is linear, so with zero padding
+        conv(tile(s) + P) = conv(P) + sum_c s_c R_c,   R_c = conv of an all-ones map in input channel c (no bias).
+    conv(P), the position embedding's convolution with the bias, is computed once at batch 1. R_c (O, H, W) is the
+    kernel W[:, c] summed over its taps in the interior and over fewer taps where the padding cuts it at the
+    border; for a transposed convolution of stride 2 it is periodic instead of constant, and the identity holds
+    unchanged. What remains per slot is one (N, C) x (C, O*H*W) matrix product instead of a k*k times larger
+    convolution. slots (N, C); pos (1, C, h, w); conv an nn.Conv2d or nn.ConvTranspose2d (zero padding, no
+    dilation). Returns (N, O, H, W), the output of conv on the (N, C, h, w) broadcast, in channels_last memory
+    layout (the layout in which the following convolutions run fastest on a CPU, measured).
     """
-    w = conv.weight if isinstance(conv, nn.ConvTranspose2d) else conv.weight.transpose(0, 1)  # (D, O, k, k)
-    r = torch.einsum("dokl,ku,lv->douv", w, sets, sets)  # (D, O, U, U): the all-ones response per tap-set pair
-    per_slot = torch.einsum("md,douv->muvo", slots, r)[:, index[:, None], index[None, :]]  # (M, H, W, O)
-    # (M, O, H, W) in channels-last memory, as the tiled path's output is: the next layers run the same kernels
-    return per_slot.permute(0, 3, 1, 2) + conv(pos)
+    c = slots.shape[1]
+    ones = torch.ones(1, c, *pos.shape[2:], dtype=pos.dtype, device=pos.device)
+    if isinstance(conv, nn.ConvTranspose2d):  # weight (C, O, k, k): group c makes output channels c*O .. c*O+O-1
+        r = F.conv_transpose2d(ones, conv.weight, None, conv.stride, conv.padding, conv.output_padding, groups=c)
+    else:  # weight (O, C, k, k) -> (C*O, 1, k, k), grouped the same way
+        w = conv.weight.transpose(0, 1).reshape(-1, 1, *conv.kernel_size)
+        r = F.conv2d(ones, w, None, conv.stride, conv.padding, groups=c)
+    base = conv(pos)  # (1, O, H, W)
+    o, h, w = base.shape[1:]
+    r = rearrange(r, "1 (c o) h w -> c (h w o)", c=c)  # channels last
+    out = torch.addmm(rearrange(base, "1 o h w -> 1 (h w o)"), slots, r)  # (N, H*W*O) = conv(P) + s R
+    return out.view(-1, h, w, o).permute(0, 3, 1, 2)  # (N, O, H, W), channels_last strides
 
 
 class ImageDecoder(nn.Module):
@@ -371,7 +369,7 @@ class ImageDecoder(nn.Module):
         g = res / 2^(convs-2) (8 at 128 px with 6 convs), embedding a Linear of [y, x, 1-y, 1-x], a per-position
         MLP D -> C -> C -> C (1x1 convs), (convs-2) x ConvT 5x5 stride 2, ConvT 5x5, ConvT 3x3 -> 4; RGB linear.
 
-    fast: the first layer after the broadcast through broadcast_conv (exact); fast=False tiles and convolves.
+    fast: the first layer after the broadcast by broadcast_conv (the same numbers); fast=False tiles and convolves.
     """
 
     def __init__(self, kind, slot_dim, channels, resolution, convs=6, fast=True):
@@ -394,15 +392,12 @@ class ImageDecoder(nn.Module):
             rest += [nn.ConvTranspose2d(channels, channels, 5, padding=2), nn.ReLU(),
                      nn.ConvTranspose2d(channels, 4, 3, padding=1)]
         self.cnn = nn.Sequential(*rest)
-        sets, index = torch.unique(tap_sets(self.first, g), dim=1, return_inverse=True)  # (k, U), (L,)
-        self.register_buffer("sets", sets, persistent=False)
-        self.register_buffer("index", index, persistent=False)
 
     def forward(self, slots):
         b = slots.shape[0]
         pos = rearrange(self.pos(self.coords), "h w d -> 1 d h w")  # (1, D, g, g)
         if self.fast:
-            x = broadcast_conv(self.first, slots.flatten(0, 1), pos, self.sets, self.index)  # (B*K, C, h, w)
+            x = broadcast_conv(slots.flatten(0, 1), pos, self.first)  # (B*K, C, h, w)
         else:
             x = self.first(repeat(slots, "b k d -> (b k) d h w", h=self.grid, w=self.grid) + pos)  # tiled slots
         x = rearrange(self.cnn(x), "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
