@@ -766,6 +766,9 @@ def test_hostile_file_is_refused(tmp_path, capsys, flag):
     (["--resume", "/no/such/checkpoint.pt"], "checkpoint not found"),
     (["--weights", "/no/such/dino.pth"], "weights file not found"),
     (["--data", "shapes", "--cache-features", "/tmp/x"], "needs --train-size"),
+    (["--mask-resolution", "320"], "--mask-resolution applies to a COCO folder"),
+    (["--target", "image", "--image-decoder", "adaptive", "--dec-convs", "7"], "must be a multiple of 32"),
+    (["--block-cols", "12", "--baseline", "blocks"], "--block-cols must be between 1 and --block-slots"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, capsys, extra, needle):
     code, err = run_main(tmp_path, capsys, "--steps", "2", *extra)
