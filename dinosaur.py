@@ -46,6 +46,7 @@ Commands (docs/dinosaur.md has one for every reported configuration)
     torchrun --nproc_per_node=4 dinosaur.py --data /data/coco --weights dino_vitbase16_pretrain.pth
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -330,31 +331,41 @@ class MLPDecoder(nn.Module):
         return torch.einsum("bkp,bkpd->bpd", masks, y), masks  # (B, P, D), (B, K, P)
 
 
+@functools.lru_cache(maxsize=None)
+def tap_sets(transposed, k, stride, padding, output_padding, g):
+    """Which taps of a k-wide kernel reach each of the L output positions along one axis of a (transposed)
+    convolution on a g-wide map: the layer applied to an all-ones row through one-hot kernels, (k, L) of 0/1.
+    Returns its distinct columns (k, U) and the column of each position (L,). In the interior every position
+    sees all taps (per output parity when strided); zero padding and the map's edge cut taps at the borders,
+    so U is small: 1 for a 1x1 layer, 5 for a 5x5 stride-2 transposed conv on 8x8 (two parities, three borders)."""
+    ones, eye = torch.ones(1, 1, g), torch.eye(k)
+    taps = (F.conv_transpose1d(ones, eye.view(1, k, k), stride=stride, padding=padding, output_padding=output_padding)
+            if transposed else F.conv1d(ones, eye.view(k, 1, k), stride=stride, padding=padding))[0]  # (k, L)
+    return torch.unique(taps, dim=1, return_inverse=True)
+
+
 def broadcast_conv(slots, pos, conv):
     """conv(tile(s) + P) for every slot s, without convolving the tiled slot (exact).
 
     A tiled slot is constant over the grid and a convolution is linear, so with zero padding
         conv(tile(s) + P) = conv(P) + sum_c s_c R_c,   R_c = conv of an all-ones map in input channel c (no bias).
-    conv(P), the position embedding's convolution with the bias, is computed once at batch 1. R_c (O, H, W) is the
-    kernel W[:, c] summed over its taps in the interior and over fewer taps where the padding cuts it at the
-    border; for a transposed convolution of stride 2 it is periodic instead of constant, and the identity holds
-    unchanged. What remains per slot is one (N, C) x (C, O*H*W) matrix product instead of a k*k times larger
-    convolution. slots (N, C); pos (1, C, h, w); conv an nn.Conv2d or nn.ConvTranspose2d (zero padding, no
-    dilation). Returns (N, O, H, W), the output of conv on the (N, C, h, w) broadcast, in channels_last memory
-    layout (the layout in which the following convolutions run fastest on a CPU, measured).
+    conv(P), the position embedding's convolution with the bias, is computed once at batch 1. Output pixel (y, x)
+    is reached by the taps Ty(y) x Tx(x), so R[c, o, y, x] = sum_{ky in Ty(y), kx in Tx(x)} W[c, o, ky, kx]: one
+    value per pair of distinct tap sets (tap_sets), computed once per set pair, multiplied with the slots in one
+    (N, C) x (C, O*U*U) product and gathered to the pixels. slots (N, C); pos (1, C, h, w); conv an nn.Conv2d or
+    nn.ConvTranspose2d (square kernel, equal strides and paddings, no dilation). Returns (N, O, H, W), the output
+    of conv on the (N, C, h, w) broadcast, in channels_last memory layout (as the tiled path's: the following
+    convolutions run their faster kernels, measured). slot_attention.py computes R with a grouped convolution of
+    the all-ones map instead; on DINOSAUR's 8x8 transposed conv that took 5x the plain layer's time (docs/dinosaur.md).
     """
-    c = slots.shape[1]
-    ones = torch.ones(1, c, *pos.shape[2:], dtype=pos.dtype, device=pos.device)
-    if isinstance(conv, nn.ConvTranspose2d):  # weight (C, O, k, k): group c makes output channels c*O .. c*O+O-1
-        r = F.conv_transpose2d(ones, conv.weight, None, conv.stride, conv.padding, conv.output_padding, groups=c)
-    else:  # weight (O, C, k, k) -> (C*O, 1, k, k), grouped the same way
-        w = conv.weight.transpose(0, 1).reshape(-1, 1, *conv.kernel_size)
-        r = F.conv2d(ones, w, None, conv.stride, conv.padding, groups=c)
-    base = conv(pos)  # (1, O, H, W)
-    o, h, w = base.shape[1:]
-    r = rearrange(r, "1 (c o) h w -> c (h w o)", c=c)  # channels last
-    out = torch.addmm(rearrange(base, "1 o h w -> 1 (h w o)"), slots, r)  # (N, H*W*O) = conv(P) + s R
-    return out.view(-1, h, w, o).permute(0, 3, 1, 2)  # (N, O, H, W), channels_last strides
+    transposed = isinstance(conv, nn.ConvTranspose2d)
+    sets, index = tap_sets(transposed, conv.kernel_size[0], conv.stride[0], conv.padding[0],
+                           conv.output_padding[0] if transposed else 0, pos.shape[-1])  # (k, U), (L,)
+    sets, index = sets.to(conv.weight), index.to(conv.weight.device)
+    w = conv.weight if transposed else conv.weight.transpose(0, 1)  # (C, O, k, k)
+    r = torch.einsum("cokl,ku,lv->couv", w, sets, sets)  # (C, O, U, U): the all-ones response per tap-set pair
+    per_slot = torch.einsum("nc,couv->nuvo", slots, r)[:, index[:, None], index[None, :]]  # (N, H, W, O)
+    return per_slot.permute(0, 3, 1, 2) + conv(pos)  # (N, O, H, W), channels_last strides
 
 
 class ImageDecoder(nn.Module):
