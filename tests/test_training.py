@@ -202,7 +202,7 @@ def spy_loaders(module, seen, kill_at=None):
             return loader
 
         def batches():
-            for i, (idx, batch) in enumerate(zip(loader.batch_sampler, loader)):
+            for i, (idx, batch) in enumerate(zip(loader.sampler, loader)):
                 seen.append(idx)
                 if i == kill_at:
                     os.kill(os.getpid(), signal.SIGUSR1)  # this rank alone: the others learn it from the reduction
