@@ -163,7 +163,9 @@ def parse_args(argv=None):
     a("--proj", choices=["mlp", "identity"], default="mlp",
       help="cov/vicreg on a projection head h(slots) (mlp) or on the slots themselves (identity)")
     a("--proj-dim", type=int, default=None, help="projection head output size for cov/vicreg")
-    a("--proj-norm", choices=["layer", "batch"], default="layer", help="normalisation in the projection head")
+    a("--proj-norm", choices=["layer", "batch"], default="layer",
+      help="projection head normalisation: layer (the reported runs, robert1003 --proj-layernorm) or batch "
+      "(BatchNorm1d per dimension over the B*K slots, as VICReg; robert1003's BatchNorm1d(num_slots) differs)")
     a("--cov-norm", choices=["dim", "dim2"], default="dim",
       help="divide the off-diagonal covariance sum by D (paper) or D^2 (reported runs)")
     a("--var-gamma", type=float, default=1.0, help="target standard deviation of the variance term")

@@ -354,6 +354,9 @@ def test_image_target_range_and_resize():
         _, _, target = dn.prepare(batch, dn.load_vit("vit_tiny"), args, torch.device("cpu"))
         small = F.interpolate(batch["image"], size=(16, 16), mode="bicubic", antialias=True).clamp(0, 1)
         torch.testing.assert_close(target, small * (1 - lo) + lo)
+        recon = torch.rand(2, 3, 16, 16) * 2 - 1  # the objective's MSE is on that range, averaged over every value
+        mse = dn.compute_loss({"recon": recon}, target, args)["mse"]
+        torch.testing.assert_close(mse, ((recon - (small * (1 - lo) + lo)) ** 2).sum() / recon.numel())
 
 
 @pytest.mark.parametrize("conv,g", [(torch.nn.ConvTranspose2d(6, 5, 5, stride=2, padding=2, output_padding=1), g)
@@ -809,8 +812,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path, capsys):
-    assert run_main(tmp_path, capsys, "--dtype", "bf16", "--steps", "3", "--run-name", "r", "--loss", "cosine")[0] == 0
-    assert json.loads((tmp_path / "r" / "eval.json").read_text())["step"] == 3
+    code, err = run_main(tmp_path, capsys, "--dtype", "bf16", "--steps", "3", "--run-name", "r", "--loss", "cosine",
+                         "--log-every", "1")
+    assert code == 0, err
+    train = [l for l in map(json.loads, (tmp_path / "r" / "metrics.jsonl").open()) if l["split"] == "train"]
+    assert [l["step"] for l in train] == [1, 2, 3]
+    assert all(math.isfinite(l[k]) for l in train for k in ("mse", "cos", "loss"))  # every term, every step
+    final = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert final["step"] == 3 and math.isfinite(final["mse"]) and -1 <= final["ari"] <= 1
 
 
 @pytest.mark.gpu
