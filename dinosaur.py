@@ -556,12 +556,16 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def position_embedding(self, gh, gw):
-        """pos_embed for a gh x gw patch grid; the patch part interpolated bicubically from the native grid."""
+        """pos_embed for a gh x gw patch grid; the patch part interpolated bicubically from the native grid as DINO
+        does (facebookresearch/dino vision_transformer.py interpolate_pos_encoding): by the scale factor
+        (g + 0.1) / g_native, their guard against a floating-point size error, not by the size, which samples
+        slightly other points. The paper configurations run at the native grid (224 px) and interpolate nothing."""
         if (gh, gw) == (self.grid, self.grid):
             return self.pos_embed
         cls, patch = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, D), (1, g*g, D)
         patch = rearrange(patch, "1 (h w) d -> 1 d h w", h=self.grid)  # (1, D, g, g)
-        patch = F.interpolate(patch, size=(gh, gw), mode="bicubic", align_corners=False)
+        patch = F.interpolate(patch, scale_factor=((gh + 0.1) / self.grid, (gw + 0.1) / self.grid), mode="bicubic",
+                              align_corners=False)  # (1, D, gh, gw)
         return torch.cat([cls, rearrange(patch, "1 d h w -> 1 (h w) d")], dim=1)  # (1, 1 + gh*gw, D)
 
     def forward(self, image):
@@ -1143,12 +1147,13 @@ def cached_features(encoder, dataset, split, args, device, encoder_sha, with_ima
     """FeatureCache of `dataset` under args.cache_features, (re)built by rank 0 when missing or stale.
 
     The manifest names everything the features depend on; any difference (other weights, resolution,
-    number of images, flips, data) means stale: the folder is rebuilt in a temporary folder, then swapped in.
+    number of images, flips, data, the version of the code that computes them: 2 since the position embedding
+    is interpolated as DINO does) means stale: the folder is rebuilt in a temporary folder, then swapped in.
     """
     flips = args.hflip and split == "train"
     ident = str(Path(args.data).resolve()) if args.data not in data.BUILTIN else args.data
     folder = Path(args.cache_features) / f"{Path(args.data).name}-{split}-{args.resolution}px-{args.vit}"
-    expected = dict(version=1, vit=args.vit, weights_sha256=encoder_sha, data=ident, split=split,
+    expected = dict(version=2, vit=args.vit, weights_sha256=encoder_sha, data=ident, split=split,
                     resolution=args.resolution, count=len(dataset), hflip=flips, dtype="float16",
                     patches=(args.resolution // encoder.patch) ** 2, dim=encoder.dim)
     manifest = folder / "manifest.json"

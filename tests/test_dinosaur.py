@@ -94,7 +94,8 @@ def reference_features(sd, image, patch, heads, depth):
     tok = torch.cat([sd["cls_token"].expand(b, 1, d), tok], 1)
     g0 = int(math.isqrt(sd["pos_embed"].shape[1] - 1))
     grid = sd["pos_embed"][0, 1:].T.reshape(1, d, g0, g0)
-    grid = F.interpolate(grid, size=(h // patch, w // patch), mode="bicubic", align_corners=False)
+    if (h // patch, w // patch) != (g0, g0):  # DINO's interpolate_pos_encoding: bicubic, scale (grid + 0.1) / g0
+        grid = F.interpolate(grid, scale_factor=((h // patch + 0.1) / g0, (w // patch + 0.1) / g0), mode="bicubic")
     tok = tok + torch.cat([sd["pos_embed"][:, :1], grid.flatten(2).transpose(1, 2)], 1)
 
     def ln(t, wt, bs):
