@@ -315,6 +315,15 @@ class SlotAttention(nn.Module):
         return slots, attn
 
 
+def zero_biases(mlp):
+    """OCLF ocl/neural_networks/convenience.py build_mlp, which builds DINOSAUR's input MLP, slot MLP and decoder
+    MLP: every Linear bias starts at zero (the weights keep torch's default initialisation)."""
+    for m in mlp.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+    return mlp
+
+
 class MLPDecoder(nn.Module):
     """DINOSAUR's MLP decoder (2209.14860 Sec. 3.2): slot k broadcast to every patch p, plus a learned
     position embedding e_p; a shared MLP (3 hidden layers, ReLU) gives y_kp (D) and alpha logit a_kp;
@@ -322,9 +331,10 @@ class MLPDecoder(nn.Module):
 
     def __init__(self, slot_dim, feat_dim, num_patches, hidden):
         super().__init__()
-        self.pos = nn.Parameter(torch.randn(1, 1, num_patches, slot_dim) * 0.02)  # std 0.02
-        self.mlp = nn.Sequential(nn.Linear(slot_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, feat_dim + 1))
+        self.pos = nn.Parameter(torch.randn(1, 1, num_patches, slot_dim) * 0.02)  # std 0.02 (OCLF PatchDecoder)
+        self.mlp = zero_biases(nn.Sequential(nn.Linear(slot_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                             nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                             nn.Linear(hidden, feat_dim + 1)))
 
     def forward(self, slots):
         x = self.mlp(slots.unsqueeze(2) + self.pos)  # (B, K, 1, Ds) + (1, 1, P, Ds) -> (B, K, P, D + 1)
@@ -443,8 +453,9 @@ class Dinosaur(nn.Module):
         super().__init__()
         # 2209.14860 Sec. 3.1 (OCLF build_two_layer_mlp, initial_layer_norm): LayerNorm, Linear(D, D), ReLU,
         # Linear(D, slot_dim); no position embedding.
-        self.input_mlp = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, feat_dim), nn.ReLU(),
-                                       nn.Linear(feat_dim, slot_attention.slot_dim))
+        self.input_mlp = zero_biases(nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, feat_dim), nn.ReLU(),
+                                                   nn.Linear(feat_dim, slot_attention.slot_dim)))
+        zero_biases(slot_attention.mlp)  # OCLF's ff_mlp is a build_two_layer_mlp too
         self.slot_attention, self.decoder, self.projector = slot_attention, decoder, projector
 
     def forward(self, feats, slots=None):

@@ -284,6 +284,20 @@ def test_mlp_decoder_alpha_is_softmax_over_slots():
     torch.testing.assert_close(recon, (alpha[..., None] * x[..., :-1]).sum(1), atol=1e-5, rtol=1e-5)
 
 
+def test_mlp_biases_start_at_zero_as_oclf():
+    """OCLF's build_mlp zeroes every Linear bias of the input MLP, the slot MLP and the decoder MLP (weights keep
+    torch's default init); the GRU and the image decoder's convolutions keep torch's defaults."""
+    for target in ("features", "image"):
+        model, _ = model_and_args("--target", target)
+        mlps = [model.input_mlp, model.slot_attention.mlp] + ([model.decoder.mlp] if target == "features" else [])
+        for mlp in mlps:
+            linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
+            assert len(linears) >= 2 and all((m.bias == 0).all() and m.weight.std() > 0 for m in linears)
+        assert model.slot_attention.gru.bias_ih.abs().sum() > 0
+        if target == "image":
+            assert model.decoder.first.bias.abs().sum() > 0
+
+
 def test_patch_masks_are_upsampled_bilinearly():
     args = dn.parse_args(TINY)
     masks = torch.rand(1, 3, 16).softmax(1)  # a 4x4 patch grid
