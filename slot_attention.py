@@ -50,6 +50,7 @@ Commands
 """
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -189,6 +190,10 @@ def parse_args(argv=None):
 
 # --- Model
 
+# LayerNorm epsilon of the official (Keras) code, kept by the reported runs of 2306.02577 (robert1003 ec1a6fb
+# model.py: eps=0.001); torch's default is 1e-5.
+LN_EPS = 1e-3
+
 
 def position_grid(h, w, device=None):
     """[y, x, 1-y, 1-x] with y, x = linspace(0, 1), shape (h, w, 4) (2006.15055 App. E.1)."""
@@ -219,7 +224,7 @@ class Encoder(nn.Module):
             layers += [nn.Conv2d(3 if i == 0 else channels, channels, 5, padding=2), nn.ReLU()]
         self.cnn = nn.Sequential(*layers)
         self.pos = SoftPositionEmbed(channels, resolution, resolution)
-        self.norm = nn.LayerNorm(channels)
+        self.norm = nn.LayerNorm(channels, eps=LN_EPS)
         self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels))
 
     def forward(self, image):
@@ -229,22 +234,29 @@ class Encoder(nn.Module):
 
 
 class SlotAttention(nn.Module):
-    """Algorithm 1 of arXiv 2006.15055: iterative attention in which slots compete for inputs."""
+    """Algorithm 1 of arXiv 2006.15055: iterative attention in which slots compete for inputs.
+
+    Layout: the attention is kept as (B, K, N), so the softmax over the K slots runs over dim 1 and the
+    renormalisation over the N inputs runs over the contiguous last dimension (a softmax over a last dimension
+    of size K is slow); k and v come from one fused (C -> 2D) Linear. The numbers are those of the textbook
+    (B, N, K) form, tested against a transcription of Algorithm 1.
+    """
 
     def __init__(self, num_slots, slot_dim, input_dim, mlp_hidden, iters=3, eps=1e-8, implicit_grad=False):
         super().__init__()
         self.num_slots, self.slot_dim, self.iters, self.eps = num_slots, slot_dim, iters, eps
         self.implicit_grad = implicit_grad
-        self.scale = slot_dim ** -0.5
-        # Slot distribution N(mu, sigma^2), sampled by reparameterisation so both train.
-        self.slots_mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, slot_dim)))
-        self.slots_log_sigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, slot_dim)))
-        self.norm_inputs = nn.LayerNorm(input_dim)
-        self.norm_slots = nn.LayerNorm(slot_dim)
-        self.norm_mlp = nn.LayerNorm(slot_dim)
+        # Slot distribution N(mu, sigma^2), sampled by reparameterisation so both train. Keras glorot_uniform on a
+        # (1, 1, D) weight: fan_in 1, fan_out D, bound sqrt(6 / (1 + D)) (google-research slot_attention/model.py:
+        # initializer="glorot_uniform"; torch's xavier_uniform_ on that shape would give sqrt(3 / D)).
+        bound = math.sqrt(6 / (1 + slot_dim))
+        self.slots_mu = nn.Parameter(torch.empty(1, 1, slot_dim).uniform_(-bound, bound))
+        self.slots_log_sigma = nn.Parameter(torch.empty(1, 1, slot_dim).uniform_(-bound, bound))
+        self.norm_inputs = nn.LayerNorm(input_dim, eps=LN_EPS)
+        self.norm_slots = nn.LayerNorm(slot_dim, eps=LN_EPS)
+        self.norm_mlp = nn.LayerNorm(slot_dim, eps=LN_EPS)
         self.to_q = nn.Linear(slot_dim, slot_dim, bias=False)
-        self.to_k = nn.Linear(input_dim, slot_dim, bias=False)
-        self.to_v = nn.Linear(input_dim, slot_dim, bias=False)
+        self.to_kv = nn.Linear(input_dim, 2 * slot_dim, bias=False)  # [W_k; W_v], one matrix product
         self.gru = nn.GRUCell(slot_dim, slot_dim)
         self.mlp = nn.Sequential(nn.Linear(slot_dim, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, slot_dim))
 
@@ -253,32 +265,36 @@ class SlotAttention(nn.Module):
         noise = torch.randn(batch_size, self.num_slots, self.slot_dim, device=self.slots_mu.device)
         return self.slots_mu + self.slots_log_sigma.exp() * noise
 
-    def step(self, slots, k, v):
-        """One iteration. slots (B, K, D); k, v (B, N, D). Returns new slots and attention (B, N, K)."""
+    def step(self, slots, k_t, v):
+        """One iteration. slots (B, K, D); k_t (B, D, N) keys pre-scaled by D^-0.5; v (B, N, D).
+        Returns the new slots and the attention before +eps, (B, K, N)."""
         q = self.to_q(self.norm_slots(slots))  # (B, K, D)
-        logits = torch.einsum("bnd,bkd->bnk", k, q) * self.scale  # (B, N, K)
-        attn = logits.softmax(dim=-1) + self.eps  # softmax over slots: slots compete for each input
-        weights = attn / attn.sum(dim=1, keepdim=True)  # (B, N, K) weighted mean over inputs
-        updates = torch.einsum("bnk,bnd->bkd", weights, v)  # (B, K, D)
+        attn = torch.bmm(q, k_t).softmax(dim=1)  # (B, K, N): softmax over slots, the slots compete for each input
+        weights = attn + self.eps
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # (B, K, N): weighted mean over the inputs
+        updates = torch.bmm(weights, v)  # (B, K, D)
         b, kk, d = slots.shape
-        slots = self.gru(updates.reshape(b * kk, d), slots.reshape(b * kk, d)).reshape(b, kk, d)
-        slots = slots + self.mlp(self.norm_mlp(slots))  # residual MLP
-        return slots, attn
+        slots = self.gru(updates.reshape(b * kk, d), slots.reshape(b * kk, d)).reshape(b, kk, d)  # hidden: previous
+        return slots + self.mlp(self.norm_mlp(slots)), attn  # residual MLP
 
     def forward(self, inputs, slots=None):
         """inputs (B, N, C); slots: optional initial slots (B, K, D), else sampled."""
-        inputs = self.norm_inputs(inputs)
-        k, v = self.to_k(inputs), self.to_v(inputs)  # (B, N, D) each
+        k, v = self.to_kv(self.norm_inputs(inputs)).chunk(2, dim=-1)  # (B, N, D) each
+        k_t = (k * self.slot_dim ** -0.5).transpose(1, 2).contiguous()  # (B, D, N): the logits' scale, once
         if slots is None:
             slots = self.sample_slots(inputs.shape[0])
-        if self.implicit_grad:
+        if self.implicit_grad:  # Chang et al. 2022: iterate without a graph, differentiate one last step
+            init = slots
             with torch.no_grad():
                 for _ in range(self.iters):
-                    slots, _ = self.step(slots, k, v)
-            return self.step(slots.detach(), k, v)  # the gradient flows through this step only
+                    slots, _ = self.step(slots, k_t, v)
+            # Straight-through to the initialisation (BO-QSA, Jia et al. 2023): the value is the detached fixed
+            # point, the gradient reaches mu and sigma as if d slots / d init = I. Without it they get no
+            # gradient, which DDP rejects at the second step.
+            return self.step(slots.detach() + init - init.detach(), k_t, v)
         attn = None
         for _ in range(self.iters):
-            slots, attn = self.step(slots, k, v)
+            slots, attn = self.step(slots, k_t, v)
         return slots, attn
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,7 +45,7 @@ def test_shapes_and_masks_sum_to_one(decoder, res):
     assert out["rgb"].shape == (2, 3, 3, res, res)
     assert out["masks"].shape == (2, 3, res, res)
     assert out["slots"].shape == (2, 3, 16)
-    assert out["attn"].shape == (2, res * res, 3)  # attention of the last iteration, kept for visualisation
+    assert out["attn"].shape == (2, 3, res * res)  # attention of the last iteration, kept for visualisation
     torch.testing.assert_close(out["masks"].sum(1), torch.ones(2, res, res))
 
 
@@ -81,6 +82,53 @@ def test_slot_permutation_equivariance():
     torch.testing.assert_close(b["recon"], a["recon"], atol=1e-5, rtol=1e-4)
 
 
+def algorithm1_iteration(m, inputs, slots):
+    """One iteration of Algorithm 1 of arXiv 2006.15055, written out from the paper with the module's weights
+    (an independent transcription: no call into slot_attention.py). inputs (B, N, C), slots (B, K, D)."""
+    ln = lambda x, norm: F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+    w_k, w_v = kv_weights(m)
+    x = ln(inputs, m.norm_inputs)
+    k, v = x @ w_k.T, x @ w_v.T  # (B, N, D)
+    q = ln(slots, m.norm_slots) @ m.to_q.weight.T  # (B, K, D)
+    attn = torch.softmax(k @ q.transpose(1, 2) / math.sqrt(slots.shape[-1]), dim=2)  # (B, N, K), over the slots
+    w = (attn + m.eps) / (attn + m.eps).sum(dim=1, keepdim=True)  # renormalised over the inputs
+    updates = w.transpose(1, 2) @ v  # (B, K, D): weighted mean of the values
+    g = m.gru  # GRU (Cho et al. 2014) with the previous slots as the hidden state
+    i_r, i_z, i_n = (updates @ g.weight_ih.T + g.bias_ih).chunk(3, dim=-1)
+    h_r, h_z, h_n = (slots @ g.weight_hh.T + g.bias_hh).chunk(3, dim=-1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    h = (1 - z) * torch.tanh(i_n + r * h_n) + z * slots
+    fc1, fc2 = m.mlp[0], m.mlp[2]
+    return h + fc2(torch.relu(fc1(ln(h, m.norm_mlp)))), attn  # residual MLP
+
+
+def kv_weights(m):
+    return m.to_kv.weight.chunk(2, dim=0)  # the fused Linear holds [W_k; W_v]
+
+
+def random_slot_attention(iters):
+    torch.manual_seed(0)
+    m = sa.SlotAttention(num_slots=3, slot_dim=8, input_dim=6, mlp_hidden=10, iters=iters, eps=1e-3)
+    with torch.no_grad():
+        for p in m.parameters():  # LayerNorm gains and biases away from 1 and 0 so that every weight matters
+            p.copy_(torch.randn_like(p) * 0.7)
+    return m
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_slot_attention_equals_transcription_of_algorithm_1(iters):
+    m = random_slot_attention(iters)
+    inputs, init = torch.randn(2, 20, 6), torch.randn(2, 3, 8)
+    want, attn = init, None
+    for _ in range(iters):
+        want, attn = algorithm1_iteration(m, inputs, want)
+    got, got_attn = m(inputs, init)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # attention of the last iteration, before +eps: (B, K, N), each input's column sums to 1 over the slots
+    torch.testing.assert_close(got_attn, attn.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_attn.sum(dim=1), torch.ones(2, 20))
+
+
 def test_implicit_grad_is_one_detached_extra_iteration():
     model, args = model_and_args("--implicit-grad")
     plain, _ = model_and_args("--iters", "4")
@@ -88,9 +136,36 @@ def test_implicit_grad_is_one_detached_extra_iteration():
     x, init = images(2), torch.randn(2, 3, 16)
     out = model(x, init)
     torch.testing.assert_close(out["slots"], plain(x, init)["slots"], atol=1e-5, rtol=1e-4)
-    out["recon"].sum().backward()
-    assert model.slot_attention.slots_mu.grad is None  # no graph through the first iterations
-    assert model.slot_attention.to_q.weight.grad.abs().sum() > 0
+
+
+def test_implicit_grad_straight_through_init_trains_mu_and_sigma():
+    # The last step's input is slots.detach() + init - init.detach(): the gradient reaches mu and sigma as if
+    # d(slots)/d(init) = I (BO-QSA). Without it they get none and DDP fails at the second step.
+    model, args = model_and_args("--implicit-grad")
+    m = model.slot_attention
+    feats = torch.randn(2, 10, m.to_kv.in_features)
+    torch.manual_seed(1)
+    init = m.sample_slots(2).detach()
+    torch.manual_seed(1)
+    slots, _ = m(feats)
+    slots.sum().backward(inputs=[m.slots_mu, m.slots_log_sigma, m.to_q.weight])
+    # Through the straight-through path the init's gradient equals the gradient of the last step's input.
+    with torch.no_grad():
+        fixed = init
+        for _ in range(m.iters):
+            fixed, _ = m.step(fixed, *keys_values(m, feats))
+    last_in = fixed.clone().requires_grad_(True)
+    m.step(last_in, *keys_values(m, feats))[0].sum().backward()
+    noise = (init - m.slots_mu) / m.slots_log_sigma.exp()
+    torch.testing.assert_close(m.slots_mu.grad, last_in.grad.sum(dim=(0, 1), keepdim=True))
+    torch.testing.assert_close(m.slots_log_sigma.grad,
+                               (last_in.grad * noise * m.slots_log_sigma.exp()).sum(dim=(0, 1), keepdim=True))
+    assert m.to_q.weight.grad.abs().sum() > 0
+
+
+def keys_values(m, feats):
+    k, v = m.to_kv(m.norm_inputs(feats)).chunk(2, dim=-1)
+    return (k * m.slot_dim ** -0.5).transpose(1, 2), v
 
 
 def test_reparameterised_init_trains_mu_and_sigma():
@@ -261,10 +336,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_torchrun_two_cpu_processes(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--implicit-grad"]])  # implicit-grad: every parameter needs a gradient
+def test_torchrun_two_cpu_processes(tmp_path, extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            str(ROOT / "slot_attention.py"), *CLI, "--out-dir", str(tmp_path), "--run-name", "ddp", "--steps", "4",
-           "--device", "cpu"]
+           "--device", "cpu", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
