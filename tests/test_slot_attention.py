@@ -50,7 +50,7 @@ def test_shapes_and_masks_sum_to_one(decoder, res):
 
 
 @pytest.mark.parametrize("loss,extra", [("mse", []), ("cov", []), ("cov", ["--proj-norm", "batch"]),
-                                        ("vicreg", []), ("cosine", [])])
+                                        ("vicreg", []), ("cosine", []), ("cosine", ["--proj", "mlp"])])
 def test_every_parameter_gets_a_gradient(loss, extra):
     model, args = model_and_args("--loss", loss, *extra)
     x = images()
@@ -58,7 +58,7 @@ def test_every_parameter_gets_a_gradient(loss, extra):
     terms["loss"].backward()
     expected = {"mse", "loss"} | {"cov": {"cov"}, "vicreg": {"cov", "var"}, "cosine": {"cos"}, "mse": set()}[loss]
     assert set(terms) == expected
-    assert (model.projector is not None) == (loss in ("cov", "vicreg"))
+    assert isinstance(model.projector, sa.ProjectionHead) == (args.proj == "mlp")
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name  # slots_mu and slots_log_sigma included
@@ -179,11 +179,13 @@ def test_reparameterised_init_trains_mu_and_sigma():
 
 @pytest.mark.parametrize("name,res,k,dec", [
     ("shapes", 64, 6, "sprites"), ("shapes-colored", 64, 5, "sprites"), ("tetrominoes", 35, 4, "sprites"),
-    ("/d/clevr_with_masks.h5", 128, 7, "clevr"), ("/d/multi_dsprites_colored_on_colored.h5", 64, 6, "sprites")])
+    ("/d/clevr_with_masks.h5", 128, 7, "clevr"), ("/d/multi_dsprites_colored_on_colored.h5", 64, 5, "sprites"),
+    ("/d/multi_dsprites_colored_on_grayscale.h5", 64, 6, "sprites")])
 def test_paper_preset_per_dataset(name, res, k, dec):
     args = sa.parse_args(["--data", name])
     assert (args.resolution, args.num_slots, args.decoder) == (res, k, dec)
     assert (args.batch_size, args.lr, args.steps, args.warmup_steps, args.grad_clip) == (64, 4e-4, 500_000, 10_000, 0)
+    assert args.dec_layers == 3 and args.image_range == ("unit" if "colored" in name and "gray" not in name else "signed")
     assert sa.parse_args(["--data", name, "--num-slots", "9", "--decoder", "sprites"]).num_slots == 9  # flags win
 
 
@@ -197,10 +199,110 @@ def test_tiny_preset_defaults():
 
 def test_lr_schedule_known_values():
     args = sa.parse_args(["--lr", "4e-4", "--warmup-steps", "10", "--decay-steps", "100"])
-    assert sa.lr_at(4, args) == pytest.approx(4e-4 * 0.5 * 0.5 ** 0.04)
+    assert sa.lr_at(0, args) == 0.0  # the official warm-up is global_step / warmup_steps from step 0
+    assert sa.lr_at(4, args) == pytest.approx(4e-4 * 0.4 * 0.5 ** 0.04)
+    assert sa.lr_at(10, args) == pytest.approx(4e-4 * 0.5 ** 0.1)
     assert sa.lr_at(100, args) == pytest.approx(4e-4 * 0.5)
     args.warmup_steps = 0
     assert sa.lr_at(0, args) == pytest.approx(4e-4)
+
+
+def encoder_input(model, x):
+    seen = []
+    handle = model.encoder.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0]))
+    out = model(x)
+    handle.remove()
+    return seen[0], out
+
+
+def test_users_command_is_the_reported_covloss_run():
+    # `python slot_attention.py --loss cov --beta 1.0` = robert1003 ec1a6fb's COVLOSS command on cMdSprites:
+    # --num_slots 5 --hid_dim 64 --proj_weight 1.0 --var_weight 0 --cov_weight 1.0 --cov-div-sq --proj-layernorm,
+    # --proj_dim 1024 (default), images in [0, 1] (no --dataset-rescale), the MSE on that range.
+    args = sa.parse_args(["--loss", "cov", "--beta", "1.0"])
+    assert (args.data, args.num_slots, args.slot_dim, args.enc_channels, args.dec_channels, args.dec_layers) == \
+        ("shapes-colored", 5, 64, 64, 64, 3)
+    assert (args.image_range, args.cov_norm, args.proj, args.proj_dim, args.proj_norm, args.beta) == \
+        ("unit", "dim2", "mlp", 1024, "layer", 1.0)
+    assert (args.train_size, args.eval_size) == (60_000, 320)
+    torch.manual_seed(0)
+    model = sa.build_model(args)
+    x = data.make_dataset("shapes-colored", "train", 64).__getitems__([0, 1])["image"]
+    seen, out = encoder_input(model, x)
+    terms = sa.compute_loss(out, x, args)
+    assert set(terms) == {"mse", "cov", "loss"}
+    torch.testing.assert_close(seen, x)  # the encoder reads [0, 1]
+    # The reported formula, written out: covariance of the B*K projected slots, centred, / (N - 1), sum of the
+    # squared off-diagonal entries, / D^2; MSE of the reconstruction against the [0, 1] image.
+    z = out["proj"].reshape(2 * 5, 1024).double()
+    zc = z - z.mean(0)
+    c = zc.T @ zc / (10 - 1)
+    cov = ((c ** 2).sum() - (c.diagonal() ** 2).sum()) / 1024 ** 2
+    mse = ((out["recon"].double() - x.double()) ** 2).mean()
+    torch.testing.assert_close(terms["cov"].double(), cov, rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(terms["mse"].double(), mse, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(terms["loss"].double(), mse + cov, rtol=1e-5, atol=1e-9)
+
+
+def test_cosine_and_vicreg_defaults_are_the_reported_runs():
+    cos = sa.parse_args(["--loss", "cosine"])  # be8d9c8: --info-nce-weight 0.01 --identity-proj --proj_dim 64
+    assert (cos.data, cos.beta, cos.proj, cos.proj_dim, cos.cos_margin) == ("shapes-colored", 0.01, "identity", 64, 0.2)
+    vic = sa.parse_args(["--loss", "vicreg"])  # Table 3 "+ CovLoss": identity, var 1 (gamma 1), cov 1, / D
+    assert (vic.beta, vic.proj, vic.cov_norm, vic.var_gamma) == (1.0, "identity", "dim", 1.0)
+    model, args = model_and_args("--loss", "cosine")
+    out = model(images(2))
+    torch.testing.assert_close(out["proj"], out["slots"])  # the identity head: the slots themselves
+    t = sa.compute_loss(out, images(2), args)
+    torch.testing.assert_close(t["loss"], t["mse"] + 0.01 * t["cos"])
+
+
+def test_mse_term_is_f_mse_loss_on_the_papers_range():
+    model, args = model_and_args("--data", "shapes")  # SA paper: images in [-1, 1]
+    x = images()
+    seen, out = encoder_input(model, x)
+    torch.testing.assert_close(seen, x * 2 - 1)
+    torch.testing.assert_close(sa.compute_loss(out, x, args)["mse"], F.mse_loss(out["recon"], x * 2 - 1))
+
+
+def test_projection_head_runs_in_fp32_under_bf16_and_not_in_eval():
+    model, args = model_and_args("--loss", "cov")
+    x = images(2)
+    dtypes = []
+    model.projector.net[0].register_forward_hook(lambda mod, inp, o: dtypes.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        terms = sa.compute_loss(out, x, args)
+    assert out["rgb"].dtype == torch.bfloat16  # autocast is on for the rest of the model
+    assert dtypes == [torch.float32] and out["proj"].dtype == torch.float32
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
+    model.eval()
+    assert "proj" not in model(x)
+
+
+def test_slot_init_uses_the_keras_glorot_bound():
+    m = sa.SlotAttention(num_slots=3, slot_dim=64, input_dim=8, mlp_hidden=8)
+    keras, torch_xavier = math.sqrt(6 / (1 + 64)), math.sqrt(3 / 64)
+    for p in (m.slots_mu, m.slots_log_sigma):  # 64 draws: P(all below the xavier bound) ~ 4e-10
+        assert torch_xavier < p.abs().max() <= keras
+
+
+def test_decoder_depth_flag():
+    for layers in (3, 2):
+        model, _ = model_and_args("--dec-layers", str(layers))
+        convs = [m for m in model.decoder.cnn if isinstance(m, torch.nn.Conv2d)]
+        assert [c.kernel_size for c in convs] == [(5, 5)] * layers + [(3, 3)]
+
+
+def test_logged_lr_is_the_optimisers(tmp_path, monkeypatch):
+    applied = []
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (applied.append(self.param_groups[0]["lr"]),
+                                                                         real_step(self, *a, **k))[1])
+    sa.main(CLI + ["--out-dir", str(tmp_path), "--run-name", "r", "--steps", "5", "--eval-every", "0",
+                   "--log-every", "1", "--warmup-steps", "3", "--decay-steps", "4"])
+    logged = [l["lr"] for l in map(json.loads, (tmp_path / "r" / "metrics.jsonl").open()) if l["split"] == "train"]
+    assert logged == applied and len(applied) == 5
+    assert applied[:2] == [0.0, pytest.approx(1e-3 / 3 * 0.5 ** 0.25)]  # the tiny preset's lr, warm-up 3, decay 4
 
 
 def test_overfits_one_batch():
@@ -239,21 +341,28 @@ def test_cli_writes_run_files(tmp_path, loss):
     assert 0 <= evals[-1]["mse"] <= 4  # images in [-1, 1]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6
-    assert any(k.startswith("projector.") for k in ckpt["model"]) == (loss in ("cov", "vicreg"))
+    assert any(k.startswith("projector.") for k in ckpt["model"]) == (args["proj"] == "mlp") == (loss == "cov")
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     assert json.loads((run / "eval.json").read_text())["step"] == 6
 
 
 def test_eval_only_and_probe(tmp_path):
-    assert run_cli(tmp_path, "--steps", "3", "--run-name", "r").returncode == 0
+    # shapes: coloured sprites (in shapes-binary every object is white and colour R^2 is undefined)
+    assert run_cli(tmp_path, "--steps", "3", "--run-name", "r", "--data", "shapes").returncode == 0
     ckpt = tmp_path / "r" / "checkpoint.pt"
     (tmp_path / "r" / "eval.json").unlink()
-    r = run_cli(tmp_path, "--eval-only", str(ckpt), "--probe", "--probe-train-size", "64", "--eval-size", "32")
+    r = run_cli(tmp_path, "--eval-only", str(ckpt), "--probe", "--probe-train-size", "48", "--probe-val-size", "16",
+                "--probe-test-size", "32", "--probe-steps", "20", "--eval-size", "32")
     assert r.returncode == 0, r.stderr
     ev = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert ev["step"] == 3 and -1 <= ev["fg_ari"] <= 1
     probe = json.loads((tmp_path / "r" / "probe.json").read_text())
-    assert {"shape_acc", "color_r2", "scale_r2", "x_r2", "y_r2"} <= set(probe)
+    assert 0 <= probe["shape_acc"] <= 1
+    assert all(math.isfinite(probe[k]) and probe[k] <= 1 for k in ("color_r2", "scale_r2", "x_r2", "y_r2"))
+    protocol = probe["protocol"]
+    assert (protocol["train_images"], protocol["val_images"], protocol["test_images"], protocol["max_steps"]) == \
+        (48, 16, 32, 20)
+    assert protocol["authors_protocol"] is False
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -302,6 +411,8 @@ def test_hostile_checkpoint_is_refused(tmp_path):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--num-slots", "0"], "--num-slots must be positive"),
+    (["--loss", "cosine", "--proj-dim", "32"], "--proj-dim must equal --slot-dim"),
+    (["--decoder", "clevr", "--resolution", "32", "--dec-layers", "2"], "the clevr decoder is fixed"),
     (["--decoder", "clevr", "--resolution", "40"], "multiple of 16"),
     (["--data", "/no/such/dataset.h5"], "no such file"),
     (["--resume", "/no/such/checkpoint.pt"], "checkpoint not found"),
@@ -309,7 +420,7 @@ def test_hostile_checkpoint_is_refused(tmp_path):
 def test_bad_input_is_one_line_error(tmp_path, extra, needle):
     r = run_cli(tmp_path, "--steps", "2", *extra)
     assert r.returncode == 2
-    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert needle in r.stderr and "error:" in r.stderr and "Traceback" not in r.stderr
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
