@@ -259,8 +259,11 @@ class SoftPositionEmbed(nn.Module):
         self.proj = nn.Linear(4, channels)
         self.register_buffer("grid", position_grid(h, w), persistent=False)  # (h, w, 4)
 
+    def embedding(self):
+        return rearrange(self.proj(self.grid), "h w c -> 1 c h w")  # (1, C, h, w)
+
     def forward(self, x):
-        return x + rearrange(self.proj(self.grid), "h w c -> 1 c h w")  # (B, C, h, w)
+        return x + self.embedding()  # (B, C, h, w)
 
 
 class Encoder(nn.Module):
@@ -277,7 +280,8 @@ class Encoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels))
 
     def forward(self, image):
-        x = self.pos(self.cnn(image))  # (B, C, H, W)
+        # channels_last: faster convolutions on a CPU (measured), and the flatten below becomes a view
+        x = self.pos(self.cnn(image.contiguous(memory_format=torch.channels_last)))  # (B, C, H, W)
         x = rearrange(x, "b c h w -> b (h w) c")  # (B, N, C)
         return self.mlp(self.norm(x))
 
@@ -285,10 +289,13 @@ class Encoder(nn.Module):
 class SlotAttention(nn.Module):
     """Algorithm 1 of arXiv 2006.15055: iterative attention in which slots compete for inputs.
 
-    Layout: the attention is kept as (B, K, N), so the softmax over the K slots runs over dim 1 and the
-    renormalisation over the N inputs runs over the contiguous last dimension (a softmax over a last dimension
-    of size K is slow); k and v come from one fused (C -> 2D) Linear. The numbers are those of the textbook
-    (B, N, K) form, tested against a transcription of Algorithm 1.
+    Fast form, same numbers (tested against a transcription of Algorithm 1):
+      - the attention is (B, K, N): the softmax over the K slots runs over dim 1, the renormalisation over the
+        N inputs over the contiguous last dimension (a softmax over a last dimension of size K is slow);
+      - keys and values are never materialised. With x_n the normalised inputs, by associativity
+            q_k . k_n = q_k . (W_k x_n) = (W_k^T q_k) . x_n   and   sum_n w_kn v_n = W_v (sum_n w_kn x_n),
+        so W_k and W_v (one Linear, to_kv) act on K slot-sized vectors instead of N inputs: the (N, C) x (C, 2D)
+        projection and its backward disappear, and the attention reads x directly (C = D here: no larger).
     """
 
     def __init__(self, num_slots, slot_dim, input_dim, mlp_hidden, iters=3, eps=1e-8, implicit_grad=False):
@@ -305,7 +312,7 @@ class SlotAttention(nn.Module):
         self.norm_slots = nn.LayerNorm(slot_dim, eps=LN_EPS)
         self.norm_mlp = nn.LayerNorm(slot_dim, eps=LN_EPS)
         self.to_q = nn.Linear(slot_dim, slot_dim, bias=False)
-        self.to_kv = nn.Linear(input_dim, 2 * slot_dim, bias=False)  # [W_k; W_v], one matrix product
+        self.to_kv = nn.Linear(input_dim, 2 * slot_dim, bias=False)  # weight [W_k; W_v], each (D, C)
         self.gru = nn.GRUCell(slot_dim, slot_dim)
         self.mlp = nn.Sequential(nn.Linear(slot_dim, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, slot_dim))
 
@@ -314,37 +321,64 @@ class SlotAttention(nn.Module):
         noise = torch.randn(batch_size, self.num_slots, self.slot_dim, device=self.slots_mu.device)
         return self.slots_mu + self.slots_log_sigma.exp() * noise
 
-    def step(self, slots, k_t, v):
-        """One iteration. slots (B, K, D); k_t (B, D, N) keys pre-scaled by D^-0.5; v (B, N, D).
+    def step(self, slots, x):
+        """One iteration. slots (B, K, D); x (B, N, C) the normalised inputs.
         Returns the new slots and the attention before +eps, (B, K, N)."""
-        q = self.to_q(self.norm_slots(slots))  # (B, K, D)
-        attn = torch.bmm(q, k_t).softmax(dim=1)  # (B, K, N): softmax over slots, the slots compete for each input
+        w_k, w_v = self.to_kv.weight.chunk(2)  # (D, C) each
+        q = self.to_q(self.norm_slots(slots)) * self.slot_dim ** -0.5  # (B, K, D), the logits' scale applied here
+        attn = torch.bmm(q @ w_k, x.transpose(1, 2)).softmax(dim=1)  # (B, K, N): softmax over slots, they compete
         weights = attn + self.eps
         weights = weights / weights.sum(dim=-1, keepdim=True)  # (B, K, N): weighted mean over the inputs
-        updates = torch.bmm(weights, v)  # (B, K, D)
+        updates = torch.bmm(weights, x) @ w_v.T  # (B, K, D)
         b, kk, d = slots.shape
         slots = self.gru(updates.reshape(b * kk, d), slots.reshape(b * kk, d)).reshape(b, kk, d)  # hidden: previous
         return slots + self.mlp(self.norm_mlp(slots)), attn  # residual MLP
 
     def forward(self, inputs, slots=None):
         """inputs (B, N, C); slots: optional initial slots (B, K, D), else sampled."""
-        k, v = self.to_kv(self.norm_inputs(inputs)).chunk(2, dim=-1)  # (B, N, D) each
-        k_t = (k * self.slot_dim ** -0.5).transpose(1, 2).contiguous()  # (B, D, N): the logits' scale, once
+        x = self.norm_inputs(inputs)  # (B, N, C)
         if slots is None:
             slots = self.sample_slots(inputs.shape[0])
         if self.implicit_grad:  # Chang et al. 2022: iterate without a graph, differentiate one last step
             init = slots
             with torch.no_grad():
                 for _ in range(self.iters):
-                    slots, _ = self.step(slots, k_t, v)
+                    slots, _ = self.step(slots, x)
             # Straight-through to the initialisation (BO-QSA, Jia et al. 2023): the value is the detached fixed
             # point, the gradient reaches mu and sigma as if d slots / d init = I. Without it they get no
             # gradient, which DDP rejects at the second step.
-            return self.step(slots.detach() + init - init.detach(), k_t, v)
+            return self.step(slots.detach() + init - init.detach(), x)
         attn = None
         for _ in range(self.iters):
-            slots, attn = self.step(slots, k_t, v)
+            slots, attn = self.step(slots, x)
         return slots, attn
+
+
+def broadcast_conv(slots, pos, conv):
+    """conv(tile(s) + P) for every slot s, without convolving the tiled slot (exact).
+
+    A tiled slot is constant over the grid and a convolution is linear, so with zero padding
+        conv(tile(s) + P) = conv(P) + sum_c s_c R_c,   R_c = conv of an all-ones map in input channel c (no bias).
+    conv(P), the position embedding's convolution with the bias, is computed once at batch 1. R_c (O, H, W) is the
+    kernel W[:, c] summed over its taps in the interior and over fewer taps where the padding cuts it at the
+    border; for a transposed convolution of stride 2 it is periodic instead of constant, and the identity holds
+    unchanged. What remains per slot is one (N, C) x (C, O*H*W) matrix product instead of a k*k times larger
+    convolution. slots (N, C); pos (1, C, h, w); conv an nn.Conv2d or nn.ConvTranspose2d (zero padding, no
+    dilation). Returns (N, O, H, W), the output of conv on the (N, C, h, w) broadcast, in channels_last memory
+    layout (the layout in which the following convolutions run fastest on a CPU, measured).
+    """
+    c = slots.shape[1]
+    ones = torch.ones(1, c, *pos.shape[2:], dtype=pos.dtype, device=pos.device)
+    if isinstance(conv, nn.ConvTranspose2d):  # weight (C, O, k, k): group c makes output channels c*O .. c*O+O-1
+        r = F.conv_transpose2d(ones, conv.weight, None, conv.stride, conv.padding, conv.output_padding, groups=c)
+    else:  # weight (O, C, k, k) -> (C*O, 1, k, k), grouped the same way
+        w = conv.weight.transpose(0, 1).reshape(-1, 1, *conv.kernel_size)
+        r = F.conv2d(ones, w, None, conv.stride, conv.padding, groups=c)
+    base = conv(pos)  # (1, O, H, W)
+    o, h, w = base.shape[1:]
+    r = rearrange(r, "1 (c o) h w -> c (h w o)", c=c)  # channels last
+    out = torch.addmm(rearrange(base, "1 o h w -> 1 (h w o)"), slots, r)  # (N, H*W*O) = conv(P) + s R
+    return out.view(-1, h, w, o).permute(0, 3, 1, 2)  # (N, O, H, W), channels_last strides
 
 
 class BroadcastDecoder(nn.Module):
@@ -353,11 +387,12 @@ class BroadcastDecoder(nn.Module):
 
     sprites: grid = full resolution, `layers` x conv 5x5 ReLU, conv 3x3 -> 4 (SA App. E.3: 3 layers).
     clevr:   grid = res/16, 4 x transposed conv 5x5 stride 2 ReLU, conv 5x5 ReLU, conv 3x3 -> 4 (official code).
+    plain=True computes the first layer as written, on the tiled slots; otherwise by broadcast_conv (same numbers).
     """
 
-    def __init__(self, kind, slot_dim, channels, resolution, layers=3):
+    def __init__(self, kind, slot_dim, channels, resolution, layers=3, plain=False):
         super().__init__()
-        self.grid = resolution if kind == "sprites" else resolution // 16
+        self.grid, self.plain = (resolution if kind == "sprites" else resolution // 16), plain
         self.pos = SoftPositionEmbed(slot_dim, self.grid, self.grid)
         convs, c = [], slot_dim
         if kind == "clevr":
@@ -374,8 +409,12 @@ class BroadcastDecoder(nn.Module):
 
     def forward(self, slots):
         b = slots.shape[0]
-        x = repeat(slots, "b k d -> (b k) d h w", h=self.grid, w=self.grid)  # (B*K, D, g, g)
-        x = self.cnn(self.pos(x))  # (B*K, 4, H, W)
+        if self.plain:
+            x = repeat(slots, "b k d -> (b k) d h w", h=self.grid, w=self.grid)  # (B*K, D, g, g)
+            x = self.cnn(self.pos(x))  # (B*K, 4, H, W)
+        else:
+            x = broadcast_conv(slots.flatten(0, 1), self.pos.embedding(), self.cnn[0])  # (B*K, C, H, W)
+            x = self.cnn[1:](x)  # (B*K, 4, H, W)
         x = rearrange(x, "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
         return x[:, :, :3], x[:, :, 3]  # rgb (B, K, 3, H, W), alpha logits (B, K, H, W)
 
@@ -406,13 +445,14 @@ class SlotAttentionAutoEncoder(nn.Module):
 
     def __init__(self, resolution=64, num_slots=6, slot_dim=64, mlp_hidden=128, enc_channels=64,
                  dec_channels=32, decoder="sprites", iters=3, eps=1e-8, implicit_grad=False,
-                 proj="none", proj_dim=None, proj_norm="layer", image_range="signed", dec_layers=3):
+                 proj="none", proj_dim=None, proj_norm="layer", image_range="signed", dec_layers=3,
+                 plain_decoder=False):
         super().__init__()
         self.image_range = image_range
         self.encoder = Encoder(resolution, enc_channels)
         self.slot_attention = SlotAttention(num_slots, slot_dim, enc_channels, mlp_hidden, iters, eps,
                                             implicit_grad)
-        self.decoder = BroadcastDecoder(decoder, slot_dim, dec_channels, resolution, dec_layers)
+        self.decoder = BroadcastDecoder(decoder, slot_dim, dec_channels, resolution, dec_layers, plain_decoder)
         # What the regulariser sees: an MLP head (cov), the slots themselves (cosine, vicreg), nothing (mse).
         self.projector = {"mlp": lambda: ProjectionHead(slot_dim, proj_dim, proj_norm),
                           "identity": nn.Identity, "none": lambda: None}[proj]()
@@ -436,7 +476,7 @@ def build_model(args):
     return SlotAttentionAutoEncoder(args.resolution, args.num_slots, args.slot_dim, args.mlp_hidden,
                                     args.enc_channels, args.dec_channels, args.decoder, args.iters, args.eps,
                                     args.implicit_grad, args.proj, args.proj_dim, args.proj_norm, args.image_range,
-                                    args.dec_layers)
+                                    args.dec_layers, args.plain_decoder)
 
 
 # --- Objective

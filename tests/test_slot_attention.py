@@ -153,9 +153,9 @@ def test_implicit_grad_straight_through_init_trains_mu_and_sigma():
     with torch.no_grad():
         fixed = init
         for _ in range(m.iters):
-            fixed, _ = m.step(fixed, *keys_values(m, feats))
+            fixed, _ = m.step(fixed, m.norm_inputs(feats))
     last_in = fixed.clone().requires_grad_(True)
-    m.step(last_in, *keys_values(m, feats))[0].sum().backward()
+    m.step(last_in, m.norm_inputs(feats))[0].sum().backward()
     noise = (init - m.slots_mu) / m.slots_log_sigma.exp()
     torch.testing.assert_close(m.slots_mu.grad, last_in.grad.sum(dim=(0, 1), keepdim=True))
     torch.testing.assert_close(m.slots_log_sigma.grad,
@@ -163,9 +163,34 @@ def test_implicit_grad_straight_through_init_trains_mu_and_sigma():
     assert m.to_q.weight.grad.abs().sum() > 0
 
 
-def keys_values(m, feats):
-    k, v = m.to_kv(m.norm_inputs(feats)).chunk(2, dim=-1)
-    return (k * m.slot_dim ** -0.5).transpose(1, 2), v
+@pytest.mark.parametrize("conv,grid", [
+    (torch.nn.Conv2d(6, 5, 5, padding=2), 8), (torch.nn.Conv2d(6, 5, 5, padding=2), 3),  # grid < kernel
+    (torch.nn.Conv2d(6, 5, 3, padding=1), 7), (torch.nn.Conv2d(6, 5, 3, padding=0), 6),  # unpadded (MONet)
+    (torch.nn.Conv2d(6, 5, 5, padding=3, stride=2), 9), (torch.nn.Conv2d(6, 5, (3, 5), padding=(1, 2)), 5),
+    (torch.nn.ConvTranspose2d(6, 5, 5, stride=2, padding=2, output_padding=1), 8),  # the clevr decoder's first
+    (torch.nn.ConvTranspose2d(6, 5, 5, stride=2, padding=2, output_padding=1), 1)])
+def test_broadcast_conv_equals_convolving_the_tiled_slots(conv, grid):
+    torch.manual_seed(0)
+    slots = torch.randn(7, 6, requires_grad=True)
+    pos = torch.randn(1, 6, grid, grid, requires_grad=True)
+    tiled = slots[:, :, None, None].expand(7, 6, grid, grid) + pos  # the textbook: broadcast, add, convolve
+    want = conv(tiled)
+    got = sa.broadcast_conv(slots, pos, conv)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(want)
+    params = [slots, pos, conv.weight, conv.bias]
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder,res", [("sprites", 16), ("clevr", 32)])
+def test_plain_decoder_flag_gives_the_same_model(decoder, res):
+    fast, args = model_and_args("--decoder", decoder, "--resolution", str(res))
+    plain, _ = model_and_args("--decoder", decoder, "--resolution", str(res), "--plain-decoder")
+    plain.load_state_dict(fast.state_dict())
+    slots = torch.randn(2, 3, 16)
+    for a, b in zip(fast.decoder(slots), plain.decoder(slots)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_reparameterised_init_trains_mu_and_sigma():
