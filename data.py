@@ -1128,7 +1128,7 @@ def _to_uint8(x):
     return (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def save_grid(path, image, recon, masks, slot_recons, extra_masks=None, max_images=8):
+def save_grid(path, image, recon, masks, slot_recons, extra_masks=None, max_images=8, fill=1.0):
     """Write DESIGN.md's sample grid as an image file (format from the suffix, PNG by default).
 
     image, recon: (B, 3, H, W) in [0, 1]; masks: (B, K, H, W) soft or hard;
@@ -1136,7 +1136,8 @@ def save_grid(path, image, recon, masks, slot_recons, extra_masks=None, max_imag
     (B, K, H, W) (e.g. MONet's attention masks next to its decoded masks).
     One row per image (the first max_images). Columns:
       input | reconstruction | argmax(masks) in PALETTE | argmax(extra) ... |
-      slot k: masks[k] * slot_recons[k] + (1 - masks[k]) * white, for k = 1..K.
+      slot k: masks[k] * slot_recons[k] + (1 - masks[k]) * fill, for k = 1..K (fill: a grey level,
+      default white; 0.5 keeps white objects and black backgrounds visible).
     Cells are upscaled nearest to at least 64 px and separated by 2 px white
     gutters (also around the border), so the file is
     (rows * (h + 2) + 2) x (cols * (w + 2) + 2) pixels for upscaled cell size h x w.
@@ -1155,10 +1156,10 @@ def save_grid(path, image, recon, masks, slot_recons, extra_masks=None, max_imag
     cols = [_to_uint8(image[:b]), _to_uint8(recon[:b])]  # each (b, 3, H, W)
     for m in [masks] + [e[:b].detach().float().cpu() for e in extra]:
         cols.append(colorize(m.argmax(1)).permute(0, 3, 1, 2))  # (b, 3, H, W)
-    white = torch.ones(1, 1, 3, 1, 1)
+    background = torch.full((1, 1, 3, 1, 1), float(fill))
     slots = slot_recons[:b].detach().float().cpu().clamp(0, 1)  # (b, K, 3, H, W)
     weight = masks.clamp(0, 1).unsqueeze(2)  # (b, K, 1, H, W)
-    masked = _to_uint8(weight * slots + (1 - weight) * white)  # (b, K, 3, H, W)
+    masked = _to_uint8(weight * slots + (1 - weight) * background)  # (b, K, 3, H, W)
     cells = torch.cat([torch.stack(cols, 1), masked], 1)  # (b, C, 3, H, W)
     scale = max(1, math.ceil(_MIN_CELL / min(h, w)))
     cells = cells.repeat_interleave(scale, -2).repeat_interleave(scale, -1)  # (b, C, 3, sH, sW)

@@ -591,12 +591,12 @@ def dataset_has_masks(dataset):
 
 
 def write_samples(path, image, out, image_range):
-    """Input, reconstruction, argmax of the alpha masks, each slot's RGB on white where its alpha is low
-    (save_grid applies the alpha)."""
+    """Input, reconstruction, argmax of the alpha masks, each slot's RGB blended by its alpha over mid grey
+    (white or black objects stay visible; save_grid applies the alpha)."""
     to01 = (lambda x: (x + 1) / 2) if image_range == "signed" else (lambda x: x)
     rgb01 = to01(out["rgb"].float()).clamp(0, 1)  # (B, K, 3, H, W)
     data.save_grid(path, image.cpu(), to01(out["recon"].float()).clamp(0, 1).cpu(), out["masks"].float().cpu(),
-                   rgb01.cpu())
+                   rgb01.cpu(), fill=0.5)
 
 
 @torch.no_grad()
@@ -750,9 +750,8 @@ def _main(args):
     model.train()
     while step < args.steps:
         image = next(batches)["image"].to(device, non_blocking=True)
-        lr = lr_at(step, args)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr_at(step, args)
         with autocast(device, args.dtype):
             out = model(image)
         terms = compute_loss(out, image, args)
@@ -783,7 +782,7 @@ def _main(args):
                                          f"last good checkpoint kept in {run_dir}")
             if is_main and (step % args.log_every == 0 or last):
                 dt = time.time() - t0
-                write({"step": step, "split": "train", **means, "lr": lr,
+                write({"step": step, "split": "train", **means, "lr": opt.param_groups[0]["lr"],
                        "images_per_s": n_sum * args.batch_size * world / dt, "peak_mem_mb": peak_memory_mb(device)})
                 bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{n_sum * args.batch_size * world / dt:.0f}",
                                 fg_ari=f"{fg_ari:.3f}")
