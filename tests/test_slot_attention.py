@@ -29,7 +29,7 @@ def model_and_args(*extra):
 
 
 def images(n=4, res=16):
-    return data.make_dataset("shapes", "train", res).__getitems__(list(range(n)))["image"]
+    return data.make_dataset("shapes", "train", res).get_batch(list(range(n)))["image"]
 
 
 def run_cli(tmp_path, *extra, module="slot_attention.py", env=None):
@@ -473,17 +473,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--implicit-grad"]])  # implicit-grad: every parameter needs a gradient
-def test_torchrun_two_cpu_processes(tmp_path, extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+def test_torchrun_implicit_grad(tmp_path):
+    # DDP needs a gradient on every parameter: with --implicit-grad the slot mean and log-sigma get theirs through
+    # the straight-through initialisation (without it the second step failed). tests/test_training.py runs the
+    # other torchrun checks for every model.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "slot_attention.py"), *CLI, "--out-dir", str(tmp_path), "--run-name", "ddp", "--steps", "4",
-           "--device", "cpu", *extra]
+           "--device", "cpu", "--implicit-grad"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
-    lines = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines if l["split"] == "train"] == [2, 4]  # written once: rank 0 only
     assert torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
