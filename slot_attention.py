@@ -45,7 +45,7 @@ Commands (more, with measured figures: docs/slot_attention.md)
     python slot_attention.py --data shapes --device cuda --dtype bf16
     python slot_attention.py --data /data/clevr_with_masks.h5
   CPU, tiny preset (shapes-binary at 32 px, 7000 steps, ~13 min on one core; FG-ARI 0.71 for seed 0, not the 0.85
-  target, and some seeds stay near 0.25: docs/slot_attention.md):
+  target, and seed 1 stays below 0.33: docs/slot_attention.md):
     python slot_attention.py --preset tiny
   Several GPUs (or CPU processes with gloo):
     torchrun --nproc_per_node=4 slot_attention.py --loss cov
@@ -151,7 +151,7 @@ def parse_args(argv=None):
       "(the 2306.02577 runs); None: per data set")
     a("--resolution", type=int, default=None, help="image side in pixels (None: preset/data default)")
     a("--num-slots", type=int, default=None, help="number of slots K (None: per data set)")
-    a("--iters", type=int, default=3, help="slot attention iterations T")
+    a("--iters", type=int, default=3, help="slot attention iterations T")  # google-research model.py: num_iterations=3
     a("--slot-dim", type=int, default=None, help="slot size D")
     a("--mlp-hidden", type=int, default=None, help="hidden width of the slot MLP")
     a("--enc-channels", type=int, default=None, help="encoder CNN channels")
@@ -163,7 +163,8 @@ def parse_args(argv=None):
     a("--plain-decoder", action="store_true",
       help="decoder's first layer as the textbook broadcast-then-convolve instead of the exact shortcut "
       "(broadcast_conv); same numbers, slower")
-    a("--eps", type=float, default=1e-8, help="epsilon added to the attention before the weighted mean")
+    a("--eps", type=float, default=1e-8,  # google-research slot_attention/model.py: epsilon=1e-8
+      help="epsilon added to the attention before the weighted mean")
     a("--implicit-grad", action="store_true",
       help="implicit differentiation: backprop only through one final iteration on detached slots")
     a("--loss", choices=LOSSES, default="mse",
@@ -174,9 +175,11 @@ def parse_args(argv=None):
     a("--proj", choices=["mlp", "identity"], default=None, help="what the regulariser sees: an MLP projection "
       "head of the slots or the slots themselves (None: mlp for cov, identity for cosine and vicreg)")
     a("--proj-dim", type=int, default=None, help="projection head output size (mlp head)")
-    a("--proj-norm", choices=["layer", "batch"], default="layer", help="normalisation in the projection head")
+    a("--proj-norm", choices=["layer", "batch"], default="layer",  # robert1003 README commands: --proj-layernorm
+      help="normalisation in the projection head")
     a("--cov-norm", choices=["dim", "dim2"], default=None, help="divide the off-diagonal covariance sum by D "
       "(the paper's equation) or D^2 (the reported cMdSprites runs); None: dim2 for cov, dim for vicreg")
+    # robert1003 train.py --std_target 1.0; model.py ProjectionHead epsilon=0.0001; be8d9c8 cosine margin 0.2
     a("--var-gamma", type=float, default=1.0, help="target standard deviation of the variance term")
     a("--var-eps", type=float, default=1e-4, help="epsilon inside the variance term's square root")
     a("--cos-margin", type=float, default=0.2, help="margin of the cosine slot loss")
