@@ -52,7 +52,7 @@ def _collate_batch(batch):
 # fetched in; splits (and sets) are independent streams.
 # Masks are exact: the mask names the entity whose colour the pixel has.
 
-BUILTIN = ("shapes", "shapes-colored", "shapes-binary", "tetrominoes")
+BUILTIN = ("shapes", "shapes-colored", "shapes-binary", "tetrominoes", "clevr-lite")  # clevr-lite: see its section
 
 # Sprite sets: (fewest objects, most objects, colour scheme).
 _SPRITE_SETS = {
@@ -365,7 +365,480 @@ def make_synthetic(name, split, resolution=None, seed=0, size=None, device="cpu"
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise DataError(f"{name}: device {device!r} is invalid; expected e.g. 'cpu' or 'cuda'") from None
+    if name == "clevr-lite":
+        return ClevrLiteDataset(split, resolution, seed, size, device)
     return SyntheticDataset(name, split, resolution, seed, size, device)
+
+
+# --- CLEVR-lite: a CLEVR-like set, ray cast in torch
+#
+# clevr-lite: 3-6 cubes, spheres and cylinders (CLEVR6-like) in CLEVR's 8 colours and 2 sizes,
+# rubber (matte) or metal (specular, mirror-like), on a grey ground plane, seen by CLEVR's camera
+# through the CLEVR6 crop (rows 29:221, cols 64:256 of the 320x240 frame). Native 64 px; any
+# resolution is rendered directly (128 for the CLEVR decoders). One ray per pixel finds the first
+# hit (exact instance masks, ids 1..n in drawing order); shading: ambient, three lamps, a sun whose
+# light one shadow ray per pixel tests. docs/clevr_lite.md lists what differs from CLEVR.
+# Every primitive sits on the ground and is seen from above, so only what a camera above the
+# ground can see is intersected: a cylinder's side and top cap, a box's top and sides.
+
+_CLEVR_COLOURS = torch.tensor([  # clevr-dataset-gen image_generation/data/properties.json "colors"
+    [87, 87, 87], [173, 35, 35], [42, 75, 215], [29, 105, 20],  # gray red blue green
+    [129, 74, 25], [129, 38, 192], [41, 208, 208], [255, 238, 51]]) / 255.0  # brown purple cyan yellow
+_CLEVR_SIZES = (0.35, 0.7)  # properties.json "sizes": small, large (a cube's half side is size / sqrt 2)
+_CLEVR_SHAPES = ("cube", "sphere", "cylinder")  # properties.json "shapes" order: shape ids 0, 1, 2
+_CLEVR_MATERIALS = ("rubber", "metal")  # properties.json "materials": material ids 0, 1
+_CLEVR_RANGE = 3.0  # render_images.py: x, y = random.uniform(-3, 3)
+_CLEVR_MIN_DIST = 0.25  # render_images.py --min_dist: centre distance minus both radii
+_CLEVR_MARGIN = 0.4  # render_images.py --margin: separation along the camera's left and behind axes
+_CLEVR_MIN_PIXELS = 200  # render_images.py --min_pixels_per_object, in the 320x240 frame
+_CLEVR_TRIES = 32  # placements tried per object (render_images.py --max_retries 50 before a restart)
+_CLEVR_ATTEMPTS = 6  # whole scenes drawn before the last one is kept as it is (CLEVR restarts forever)
+_CLEVR_CAMERA = (7.48113, -6.50764, 5.34367)  # kubric examples/clevr_worker.py: position, look_at origin
+_CLEVR_FOCAL = 350.0  # pixels of the 320-px frame: focal 35 mm on a 32-mm sensor (kubric), 35 / 32 * 320
+_CLEVR_SUN = (11.6608, -6.62799, 25.8232)  # kubric assets/utils.py get_clevr_lights: sun position
+# Lamps (position, colour, intensity at the origin): kubric get_clevr_lights' key (0xffedd0), fill
+# (0xc2d0ff) and back lamps, as point lights with inverse-square falloff; intensities are ours.
+_CLEVR_LAMPS = (((6.44671, -2.90517, 4.2584), (1.0, 237 / 255, 208 / 255), 0.35),
+                ((-4.67112, -4.0136, 3.01122), (194 / 255, 208 / 255, 1.0), 0.15),
+                ((-1.1685, 2.64602, 5.81574), (1.0, 1.0, 1.0), 0.10))
+_CLEVR_AMBIENT, _CLEVR_SUN_I = 0.22, 0.45  # ambient and sun intensity (ours)
+_CLEVR_FLOOR = 0.62  # ground albedo (grey)
+_CLEVR_DRAWS = 5 + 2 * _CLEVR_TRIES  # per object slot: shape, size, colour, material, yaw, tries
+_CLEVR_CHUNK = 64  # images rendered together (keeps the working set in cache)
+_ID_BITS = 3  # a depth key holds the object id (< 8) in its low bits
+
+
+def _unit(v):
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+class _ClevrCamera:
+    """The fixed camera and the per-pixel constants of one resolution.
+
+    Ray of pixel (row i, col j): O + t d with d = f + U_j right + V_i down, where (U, V) are the
+    pixel centre's offsets from the optical axis in units of the focal length in the 320x240
+    frame, through the CLEVR6 crop; t is the depth along the viewing axis f.
+    """
+
+    def __init__(self, res, device):
+        top, left, side = _CLEVR_CROP
+        frame_h, frame_w = _CLEVR_SIZE
+        o = torch.tensor(_CLEVR_CAMERA, dtype=torch.float64)
+        f = _unit(-o)  # looks at the origin
+        right = _unit(torch.linalg.cross(f, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)))
+        down = torch.linalg.cross(f, right)
+        centres = (torch.arange(res, dtype=torch.float64) + 0.5) * side / res  # (res,) in frame pixels
+        u = (left + centres - frame_w / 2) / _CLEVR_FOCAL  # (res,) columns
+        v = (top + centres - frame_h / 2) / _CLEVR_FOCAL  # (res,) rows
+        d = f + u[None, :, None] * right + v[:, None, None] * down  # (res, res, 3)
+        d = d.reshape(-1, 3).T  # (3, P)
+        self.res, self.origin, self.forward, self.right, self.down = res, o, f, right, down
+        t_floor = -o[2] / d[2]  # (P,) every ray goes down, so every pixel sees the ground
+        # Rows: dx, dy, dz, |d_xy|^2, |d|^2, 1/dz, t of the ground.
+        table = torch.stack([d[0], d[1], d[2], d[0] ** 2 + d[1] ** 2, (d * d).sum(0), 1 / d[2], t_floor])
+        self.table = table.float().to(device)  # (7, P)
+        ground = (o[:, None] + t_floor * d).T  # (P, 3) ground points
+        normal = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64).expand_as(ground)
+        albedo = torch.full_like(ground, _CLEVR_FLOOR)
+        view = _unit(d.T)
+        lit, dark = (_clevr_shade(ground, normal, view, albedo, torch.zeros(len(ground), dtype=torch.bool),
+                                  torch.full((len(ground),), s, dtype=torch.bool)) for s in (False, True))
+        self.floor_lit = lit.T.float().to(device).contiguous()  # (3, P)
+        self.floor_dark = dark.T.float().to(device).contiguous()
+        self.floor_colour = lit.mean(0).float().to(device)  # (3,) the background entity's colour
+        self.sun = _unit(torch.tensor(_CLEVR_SUN, dtype=torch.float64)).float().to(device)
+        self.o = self.origin.float().to(device)
+        self.axes = torch.stack([f, right, down]).float().to(device)  # (3, 3)
+        # Ground axes of render_images.py's margin rule: the camera's left and behind, flattened.
+        self.ground_axes = torch.stack([_unit(-right * torch.tensor([1.0, 1, 0], dtype=torch.float64))[:2],
+                                        _unit(f * torch.tensor([1.0, 1, 0], dtype=torch.float64))[:2]]).float().to(device)
+
+    def project(self, p):
+        """World points (..., 3) -> (x, y) in [0, 1] image coordinates (x = column, y = row) and depth."""
+        top, left, side = _CLEVR_CROP
+        frame_h, frame_w = _CLEVR_SIZE
+        cam = (p - self.o) @ self.axes.T  # (..., 3): depth, right, down
+        x = (cam[..., 1] / cam[..., 0] * _CLEVR_FOCAL + frame_w / 2 - left) / side
+        y = (cam[..., 2] / cam[..., 0] * _CLEVR_FOCAL + frame_h / 2 - top) / side
+        return x, y, cam[..., 0]
+
+
+_CLEVR_CAMERAS = {}
+
+
+def _clevr_camera(res, device):
+    key = (res, str(device))
+    if key not in _CLEVR_CAMERAS:
+        _CLEVR_CAMERAS[key] = _ClevrCamera(res, device)
+    return _CLEVR_CAMERAS[key]
+
+
+def _clevr_shade(x, n, view, albedo, metal, shadow):
+    """Colour (N, 3) of surface points x (N, 3) with unit normals n, seen along unit view rays.
+
+    Rubber: albedo * (ambient + sum of lamps' and sun's Lambert terms) + a faint Blinn-Phong sheen.
+    Metal: a dimmer diffuse part, a mirror-like environment term (the reflected ray sees a bright
+    sky above the horizon and the grey ground below) and a sharp highlight, all tinted by the
+    albedo as a metal's reflections are. The sun is blocked where `shadow` is set.
+    """
+    dt = x.dtype
+    sun = _unit(torch.tensor(_CLEVR_SUN, dtype=dt, device=x.device))
+    lit = (~shadow).to(dt)
+    diffuse = _CLEVR_AMBIENT + _CLEVR_SUN_I * lit * (n @ sun).clamp(min=0)  # (N,)
+    diffuse = diffuse[:, None].expand(-1, 3)
+    h = _unit(sun - view)  # Blinn half vector
+    gloss = lit * (n * h).sum(1).clamp(min=0)
+    diffuse_rgb, gloss_rgb = diffuse.clone(), [gloss]
+    for pos, colour, power in _CLEVR_LAMPS:
+        to = torch.tensor(pos, dtype=dt, device=x.device) - x  # (N, 3)
+        dist2 = (to * to).sum(1)
+        l = to / dist2.sqrt()[:, None]
+        falloff = power * (torch.tensor(pos, dtype=dt) ** 2).sum().item() / dist2  # power at the origin
+        diffuse_rgb = diffuse_rgb + (falloff * (n * l).sum(1).clamp(min=0))[:, None] * torch.tensor(
+            colour, dtype=dt, device=x.device)
+        gloss_rgb.append((n * _unit(l - view)).sum(1).clamp(min=0))
+    gloss = torch.stack(gloss_rgb, 1)  # (N, 4) Blinn cosines: sun, key, fill, back
+    rubber = albedo * diffuse_rgb + 0.05 * (gloss ** 12).sum(1, keepdim=True)
+    refl = view - 2 * (view * n).sum(1, keepdim=True) * n  # mirror direction
+    sky = 0.35 + 0.55 * ((refl[:, 2] + 0.1) / 0.4).clamp(0, 1)  # ground below the horizon, sky above
+    highlight = (gloss[:, :1] ** 80) * 1.5 * lit[:, None] + (gloss[:, 1:] ** 80).sum(1, keepdim=True) * 0.6
+    shiny = albedo * (0.35 * diffuse_rgb + 0.8 * sky[:, None] + highlight) + 0.25 * highlight
+    return torch.where(metal[:, None], shiny, rubber).clamp(0, 1)
+
+
+def _clevr_scene(u, cam):
+    """Scenes from uniforms u (B, 1 + 6 * _CLEVR_DRAWS): CLEVR's sampling (render_images.py) for
+    3-6 objects. Each object takes the first of _CLEVR_TRIES positions, uniform in [-3, 3]^2, whose
+    centre is in view and that keeps CLEVR's distance and margin to every object placed before it;
+    an object with no such position is dropped. Placed objects come first, in drawing order.
+    Returns a dict of (B, 6) tensors (x, y: world ground position; `present`: placed).
+    """
+    B, K, T, dev = u.shape[0], 6, _CLEVR_TRIES, u.device
+    count = 3 + (u[:, 0] * 4).long()  # (B,) 3..6
+    d = u[:, 1:].reshape(B, K, _CLEVR_DRAWS)
+    shape = (d[..., 0] * 3).long()  # (B, K) 0 cube, 1 sphere, 2 cylinder
+    size = torch.tensor(_CLEVR_SIZES, device=dev)[(d[..., 1] * 2).long()]
+    half = torch.where(shape == 0, size / math.sqrt(2), size)  # cube half side / radius = centre height
+    tries = ((d[..., 5:] * 2 - 1) * _CLEVR_RANGE).reshape(B, K, T, 2)  # (B, K, T, 2)
+    px, py, _ = cam.project(torch.cat([tries, half[..., None, None].expand(B, K, T, 1)], -1))
+    ok = (px > 0) & (px < 1) & (py > 0) & (py < 1)  # (B, K, T) centre in view
+    ok &= (torch.arange(K, device=dev) < count[:, None])[..., None]
+    along = tries @ cam.ground_axes.T  # (B, K, T, 2) coordinates along the camera's left and behind
+    pos = torch.zeros(B, K, 2, device=dev)
+    pos_along = torch.zeros(B, K, 2, device=dev)
+    placed = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    for k in range(K):  # sequential, as in CLEVR: each object checks those placed before it
+        free = ok[:, k]  # (B, T)
+        if k:
+            # CLEVR compares the new object's size with the earlier ones' stored radius (size/sqrt 2 for cubes)
+            gap = (tries[:, k, :, None] - pos[:, None, :k]).norm(dim=-1) - size[:, k, None, None] - half[:, None, :k]
+            near = (along[:, k, :, None] - pos_along[:, None, :k]).abs() < _CLEVR_MARGIN  # (B, T, k, 2)
+            clash = (gap < _CLEVR_MIN_DIST) | near.any(-1)  # (B, T, k)
+            free = free & ~(clash & placed[:, None, :k]).any(-1)
+        first = free.int().argmax(1)[:, None, None].expand(B, 1, 2)  # first free try
+        pos[:, k] = tries[:, k].gather(1, first)[:, 0]
+        pos_along[:, k] = along[:, k].gather(1, first)[:, 0]
+        placed[:, k] = free.any(1)
+    order = torch.sort((~placed).int(), dim=1, stable=True).indices  # placed objects first
+    take = lambda x: x.gather(1, order if x.dim() == 2 else order[..., None].expand_as(x))
+    return {"present": take(placed), "shape": take(shape), "size": take(size), "half": take(half),
+            "colour": take((d[..., 2] * 8).long()), "material": take((d[..., 3] * 2).long()),
+            "yaw": take(d[..., 4] * (2 * math.pi)), "pos": take(pos)}  # render_images.py: theta = 360 * random
+
+
+def _rectangles(r0, r1, c0, c1):
+    """Every pixel of rectangles n = rows r0[n]..r1[n] x columns c0[n]..c1[n] (empty if r1 < r0 or
+    c1 < c0): (rectangle index, row, column), each (F,), rectangle by rectangle, row-major."""
+    h, w = (r1 - r0 + 1).clamp(min=0), (c1 - c0 + 1).clamp(min=0)
+    n = h * w  # (N,)
+    rect = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)  # (F,)
+    local = torch.arange(len(rect), device=n.device) - (n.cumsum(0) - n)[rect]
+    wr = w[rect]
+    row = torch.div(local, wr, rounding_mode="floor")
+    return rect, r0[rect] + row, c0[rect] + local - row * wr
+
+
+def _clevr_bounds(centre, radius, height, cam, shadow):
+    """Pixel rows/columns (r0, r1, c0, c1) (N,) that may see objects standing on the ground inside
+    the vertical box centre (N, 2) +- radius, z in [0, height] (or, with shadow=True, that box swept
+    along the sun's rays down to the ground), from its projected corners."""
+    n, dev = len(centre), centre.device
+    sx = torch.tensor([-1.0, 1.0, -1.0, 1.0], device=dev)
+    sy = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=dev)
+    foot = centre[:, None, :] + radius[:, None, None] * torch.stack([sx, sy], 1)  # (N, 4, 2)
+    z = torch.zeros(n, 4, 1, device=dev)
+    pts = [torch.cat([foot, z], -1), torch.cat([foot, z + height[:, None, None]], -1)]
+    if shadow:  # where the top's shadow falls on the ground
+        shift = -cam.sun[:2] / cam.sun[2] * height[:, None, None]  # (N, 1, 2)
+        pts.append(torch.cat([foot + shift, z], -1))
+    x, y, _ = cam.project(torch.cat(pts, 1))  # (N, 8 or 12)
+    res = cam.res
+    # pixel j's centre is at (j + 0.5) / res: the corners' hull covers pixels ceil(x res - 0.5) ..
+    eps = 1e-3  # a sliver of slack for rounding; exactness is kept by the intersection tests
+    c0 = torch.ceil(x.min(1).values * res - 0.5 - eps).long().clamp(min=0)
+    c1 = torch.floor(x.max(1).values * res - 0.5 + eps).long().clamp(max=res - 1)
+    r0 = torch.ceil(y.min(1).values * res - 0.5 - eps).long().clamp(min=0)
+    r1 = torch.floor(y.max(1).values * res - 0.5 + eps).long().clamp(max=res - 1)
+    return r0, r1, c0, c1
+
+
+def _clevr_params(scene, cam):
+    """Per-object constants of the intersection tests, (12, B*6), object o = 6 b + k.
+    Rows: L = C - O (3), radius or half side, height, cos yaw, sin yaw, |L|^2 - r^2,
+    |L_xy|^2 - r^2, L along the box's two ground axes, height - O_z."""
+    half, pos, yaw = scene["half"].reshape(-1), scene["pos"].reshape(-1, 2), scene["yaw"].reshape(-1)
+    o = cam.o
+    lx, ly, lz = pos[:, 0] - o[0], pos[:, 1] - o[1], half - o[2]  # the centre is at height `half`
+    cos, sin = torch.cos(yaw), torch.sin(yaw)
+    lxy2 = lx * lx + ly * ly
+    return torch.stack([lx, ly, lz, half, 2 * half, cos, sin, lxy2 + lz * lz - half * half, lxy2 - half * half,
+                        cos * lx + sin * ly, cos * ly - sin * lx, 2 * half - o[2]])
+
+
+def _hit_sphere(p, d, oz):
+    """Depth t (F,) of the first hit of rays d (7, F) (camera table rows) with spheres p (12, F); inf if missed.
+    |t d - L|^2 = r^2:  t = (b - sqrt(b^2 - a c)) / a, a = |d|^2, b = d.L, c = |L|^2 - r^2."""
+    b = d[0] * p[0] + d[1] * p[1] + d[2] * p[2]
+    disc = b * b - d[4] * p[7]
+    t = (b - disc.clamp(min=0).sqrt()) / d[4]
+    return torch.where(disc >= 0, t, math.inf)
+
+
+def _hit_cylinder(p, d, oz):
+    """Vertical cylinders of radius r, z in [0, h]: the side (the quadratic in x, y) where the
+    entry point's height is in [0, h], else the top cap (the plane z = h within radius r)."""
+    b = d[0] * p[0] + d[1] * p[1]
+    disc = b * b - d[3] * p[8]
+    ts = (b - disc.clamp(min=0).sqrt()) / d[3]
+    zs = oz + ts * d[2]
+    side = (disc >= 0) & (zs <= p[4]) & (zs >= 0)
+    tc = p[11] * d[5]  # (h - O_z) / d_z
+    ex, ey = tc * d[0] - p[0], tc * d[1] - p[1]
+    cap = (ex * ex + ey * ey <= p[3] * p[3]) & (zs > p[4])
+    return torch.where(side, ts, torch.where(cap, tc, math.inf))
+
+
+def _hit_cube(p, d, oz):
+    """Boxes of half side a, rotated by yaw about the vertical: slabs along the two ground axes
+    (u.(t d - L) in [-a, a]) and z in [0, h]; hit where the latest entry precedes the earliest exit."""
+    q1 = p[5] * d[0] + p[6] * d[1]  # ray direction along the box axes
+    q2 = p[5] * d[1] - p[6] * d[0]
+    i1, i2 = 1 / q1, 1 / q2
+    ta, tb = (p[9] - p[3]) * i1, (p[9] + p[3]) * i1
+    tc, td = (p[10] - p[3]) * i2, (p[10] + p[3]) * i2
+    near = torch.maximum(torch.maximum(torch.minimum(ta, tb), torch.minimum(tc, td)), p[11] * d[5])
+    far = torch.minimum(torch.minimum(torch.maximum(ta, tb), torch.maximum(tc, td)), d[6])  # d[6]: ground
+    return torch.where(near <= far, near, math.inf)
+
+
+_HITS = (_hit_cube, _hit_sphere, _hit_cylinder)
+_NO_HIT = 0x7F800000 << _ID_BITS  # depth key of +inf: pixels keeping it see the ground
+
+
+def _clevr_depth(scene, cam):
+    """First hit of every pixel: depth keys (B, P) int64, (float32 bits of t) << 3 | mask id, so
+    the smallest key is the nearest object (ties: the lower id); _NO_HIT where no object is hit.
+    Only the pixels inside each object's projected bounding box are tested."""
+    present, shape = scene["present"].reshape(-1), scene["shape"].reshape(-1)
+    B, K = scene["shape"].shape
+    P, dev = cam.res * cam.res, present.device
+    par = _clevr_params(scene, cam)
+    keys = torch.full((B * P,), _NO_HIT, dtype=torch.int64, device=dev)
+    for s, hit in enumerate(_HITS):
+        objs = torch.nonzero(present & (shape == s))[:, 0]  # (n,) objects o = 6 b + k
+        r0, r1, c0, c1 = _clevr_bounds(scene["pos"].reshape(-1, 2)[objs], par[3, objs], par[4, objs], cam, False)
+        rect, row, col = _rectangles(r0, r1, c0, c1)
+        obj, pix = objs[rect], row * cam.res + col  # (F,)
+        t = hit(par.index_select(1, obj), cam.table.index_select(1, pix), cam.o[2].item())
+        key = (t.view(torch.int32).long() << _ID_BITS) | (obj % K + 1)
+        keys.scatter_reduce_(0, torch.div(obj, K, rounding_mode="floor") * P + pix, key, "amin")
+    return keys.reshape(B, P)
+
+
+def _shadow_sphere(p, x, sun):
+    """Whether the ray X + s sun (s > 0) from surface points X meets spheres p (12, F); x = X - C
+    (3, F): with b = -x.sun, b > 0 and b^2 >= |x|^2 - r^2."""
+    b = -(x[0] * sun[0] + x[1] * sun[1] + x[2] * sun[2])
+    return (b > 0) & (b * b >= x[0] * x[0] + x[1] * x[1] + x[2] * x[2] - p[3] * p[3])
+
+
+def _prism_segment(p, x, sun):
+    """A vertical prism on the ground is crossed by the ray x + s sun iff, in plan view, the ray's
+    ground track from height x_z up to the top h, x_xy + (z - x_z) sun_xy / sun_z, meets its
+    footprint. x = X - C (3, F). Returns the track's start and extent relative to the centre in
+    plan view, and whether X is below the top."""
+    rise = (p[3] - x[2]) / sun[2]  # (h - X_z) / sun_z: the centre is at height h / 2 = p[3]
+    return x[0], x[1], rise * sun[0], rise * sun[1], rise > 0
+
+
+def _shadow_cylinder(p, x, sun):
+    """Track from a to a + e (relative to the axis) within radius r: the closest point a + s e,
+    s = clamp(-a.e / e.e, 0, 1)."""
+    ax, ay, ex, ey, up = _prism_segment(p, x, sun)
+    s = (-(ax * ex + ay * ey) / (ex * ex + ey * ey)).clamp(0, 1)
+    cx, cy = ax + s * ex, ay + s * ey
+    return up & (cx * cx + cy * cy <= p[3] * p[3])
+
+
+def _shadow_cube(p, x, sun):
+    """Track within the rotated square |u|, |v| <= a (Liang-Barsky clipping of s in [0, 1])."""
+    ax, ay, ex, ey, up = _prism_segment(p, x, sun)
+    cos, sin, a = p[5], p[6], p[3]
+    lo, hi = torch.zeros_like(ax), torch.ones_like(ax)
+    for start, ext in ((cos * ax + sin * ay, cos * ex + sin * ey), (cos * ay - sin * ax, cos * ey - sin * ex)):
+        t0, t1 = (-a - start) / ext, (a - start) / ext
+        lo, hi = torch.maximum(lo, torch.minimum(t0, t1)), torch.minimum(hi, torch.maximum(t0, t1))
+    return up & (lo <= hi)
+
+
+_SHADOWS = (_shadow_cube, _shadow_sphere, _shadow_cylinder)
+
+
+def _depth_of(keys):
+    """Depth t (float32) from depth keys (any shape)."""
+    return (keys >> _ID_BITS).to(torch.int32).view(torch.float32)
+
+
+def _clevr_shadows(scene, cam, keys, mask):
+    """Whether the sun is hidden from the surface each pixel sees: bool (B*P,). The pixels in
+    each object's shadow box test one ray towards the sun against that object (an object's own
+    surface is left to its Lambert term: a convex solid cannot shadow itself)."""
+    present, shape = scene["present"].reshape(-1), scene["shape"].reshape(-1)
+    B, K = scene["shape"].shape
+    P, dev = cam.res * cam.res, present.device
+    par = _clevr_params(scene, cam)
+    flat_mask, flat_keys = mask.reshape(-1), keys.reshape(-1)
+    shadow = torch.zeros(B * P, dtype=torch.bool, device=dev)
+    for s, test in enumerate(_SHADOWS):
+        objs = torch.nonzero(present & (shape == s))[:, 0]
+        r0, r1, c0, c1 = _clevr_bounds(scene["pos"].reshape(-1, 2)[objs], par[3, objs], par[4, objs], cam, True)
+        rect, row, col = _rectangles(r0, r1, c0, c1)
+        obj, pix = objs[rect], row * cam.res + col
+        at = torch.div(obj, K, rounding_mode="floor") * P + pix  # (F,) flat pixel
+        other = flat_mask[at] != obj % K + 1
+        obj, pix, at = obj[other], pix[other], at[other]
+        d = cam.table.index_select(1, pix)  # (7, F)
+        t = torch.where(flat_mask[at] > 0, _depth_of(flat_keys[at]), d[6])
+        p = par.index_select(1, obj)
+        x = [t * d[i] - p[i] for i in range(3)]  # the surface point relative to the object's centre
+        shadow[at[test(p, torch.stack(x), cam.sun)]] = True
+    return shadow
+
+
+def _clevr_normals(shape, rel, half, cos, sin):
+    """Outward unit normals (F, 3) at surface points rel = X - C (F, 3): a sphere's radial one; a
+    cylinder's top (strictly inside the rim) or radial side; a box's face whose axis holds the
+    largest |coordinate| (every face is at distance `half` from the centre)."""
+    zero, one = torch.zeros_like(half), torch.ones_like(half)
+    sphere = rel / half[:, None]
+    top = rel[:, 0] ** 2 + rel[:, 1] ** 2 < (half * (1 - 1e-3)) ** 2
+    cylinder = torch.where(top[:, None], torch.stack([zero, zero, one], 1),
+                           torch.stack([rel[:, 0], rel[:, 1], zero], 1) / half[:, None])
+    q1, q2 = cos * rel[:, 0] + sin * rel[:, 1], cos * rel[:, 1] - sin * rel[:, 0]
+    a1, a2, a3 = q1.abs(), q2.abs(), rel[:, 2].abs()
+    cube = torch.where(((a3 >= a1) & (a3 >= a2))[:, None], torch.stack([zero, zero, torch.sign(rel[:, 2])], 1),
+                       torch.where((a1 >= a2)[:, None], torch.sign(q1)[:, None] * torch.stack([cos, sin, zero], 1),
+                                   torch.sign(q2)[:, None] * torch.stack([-sin, cos, zero], 1)))
+    return torch.where((shape == 0)[:, None], cube, torch.where((shape == 1)[:, None], sphere, cylinder))
+
+
+def _render_clevr_lite(seed, split, idx, cam):
+    """A batch of clevr-lite items for indices idx (B,) (see ClevrLiteDataset).
+
+    CLEVR re-draws a scene until every object is placed and shows >= 200 pixels (320x240 frame);
+    here a scene is re-drawn (attempt a uses the independent stream "clevr-lite/a") until every
+    drawn object is placed and shows >= 200 * (res / 192)^2 pixels (the same area in the crop),
+    at most _CLEVR_ATTEMPTS times; the last attempt is kept as it is.
+    """
+    B, K, P, dev = len(idx), 6, cam.res * cam.res, idx.device
+    need = _CLEVR_MIN_PIXELS * (cam.res / _CLEVR_CROP[2]) ** 2
+    scene, keys, pending = {}, torch.empty(B, P, dtype=torch.int64, device=dev), torch.arange(B, device=dev)
+    for attempt in range(_CLEVR_ATTEMPTS):
+        u = _uniforms(seed, f"clevr-lite/{attempt}", split, idx[pending], 1 + K * _CLEVR_DRAWS)
+        sc = _clevr_scene(u, cam)
+        k = _clevr_depth(sc, cam)  # (n, P)
+        n = len(pending)
+        m = torch.where(k < _NO_HIT, k & (2 ** _ID_BITS - 1), 0)
+        counts = torch.zeros(n, K + 1, dtype=torch.int64, device=dev).scatter_add_(1, m, torch.ones_like(m))
+        drawn = 3 + (u[:, 0] * 4).long()  # objects drawn (the placed ones come first)
+        ok = (sc["present"].sum(1) == drawn) & ((counts[:, 1:] >= need) | ~sc["present"]).all(1)
+        if attempt == _CLEVR_ATTEMPTS - 1:
+            ok[:] = True
+        for key, v in sc.items():
+            scene.setdefault(key, torch.empty((B,) + v.shape[1:], dtype=v.dtype, device=dev))[pending[ok]] = v[ok]
+        keys[pending[ok]] = k[ok]
+        pending = pending[~ok]
+        if not len(pending):
+            break
+
+    mask = torch.where(keys < _NO_HIT, keys & (2 ** _ID_BITS - 1), 0)  # (B, P)
+    shadow = _clevr_shadows(scene, cam, keys, mask)  # (B*P,)
+    image = torch.where(shadow.reshape(B, 1, P), cam.floor_dark, cam.floor_lit)  # (B, 3, P)
+    at = torch.nonzero(mask.reshape(-1) > 0)[:, 0]  # (F,) object pixels
+    b = torch.div(at, P, rounding_mode="floor")
+    pix, obj = at - b * P, b * K + mask.reshape(-1)[at] - 1
+    d = cam.table[:3, pix].T  # (F, 3)
+    x = cam.o + _depth_of(keys.reshape(-1)[at])[:, None] * d  # (F, 3) surface points
+    half, yaw = scene["half"].reshape(-1)[obj], scene["yaw"].reshape(-1)[obj]
+    centre = torch.cat([scene["pos"].reshape(-1, 2)[obj], half[:, None]], 1)
+    normal = _clevr_normals(scene["shape"].reshape(-1)[obj], x - centre, half, torch.cos(yaw), torch.sin(yaw))
+    albedo = _CLEVR_COLOURS.to(dev)[scene["colour"].reshape(-1)[obj]]
+    image[b, :, pix] = _clevr_shade(x, normal, _unit(d), albedo, scene["material"].reshape(-1)[obj] == 1, shadow[at])
+
+    present = scene["present"]
+    counts = torch.zeros(B, K + 1, dtype=torch.int64, device=dev).scatter_add_(1, mask, torch.ones_like(mask))
+    visible = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), present & (counts[:, 1:] >= _MIN_VISIBLE)], 1)
+    position = torch.cat([scene["pos"], scene["half"][..., None]], -1) * present[..., None]  # (B, K, 3)
+    px, py, _ = cam.project(position)
+    col = lambda bg, v: torch.cat([torch.full((B, 1) + v.shape[2:], bg, dtype=v.dtype, device=dev), v], 1)
+    absent = ~present
+    return {
+        "image": image.reshape(B, 3, cam.res, cam.res), "mask": mask.reshape(B, cam.res, cam.res), "visible": visible,
+        "shape": col(-1, scene["shape"].masked_fill(absent, -1)),
+        "color": torch.cat([cam.floor_colour.expand(B, 1, 3),
+                            _CLEVR_COLOURS.to(dev)[scene["colour"]] * present[..., None]], 1),
+        "scale": col(0.0, scene["size"] * present), "x": col(0.5, px * present), "y": col(0.5, py * present),
+        "material": col(-1, scene["material"].masked_fill(absent, -1)),
+        "position": col(0.0, position), "rotation": col(0.0, torch.rad2deg(scene["yaw"]) * present),
+    }
+
+
+class ClevrLiteDataset(torch.utils.data.Dataset):
+    """clevr-lite (see the section comment above): item i is a pure function of (seed, split, i).
+
+    image float32 (B, 3, H, W) in [0, 1]; mask int64 (B, H, W): 0 = ground, object j (drawing
+    order) = j + 1, the first surface each pixel's ray hits. Per entity e in 0..6 (0 = ground):
+    visible bool (>= 5 pixels in the mask), shape int64 (0 cube, 1 sphere, 2 cylinder; -1 ground
+    or absent), color float32 (.., 3) CLEVR's RGB (the ground: its mean shaded colour), scale
+    (CLEVR size: 0.35 small, 0.7 large), x, y (the projected 3D centre in [0, 1], x = column,
+    y = row; ground 0.5), material int64 (0 rubber, 1 metal), position float32 (.., 3) the 3D
+    centre in CLEVR's world coordinates (z up, ground z = 0; CLEVR's 3d_coords), rotation
+    (yaw in degrees, CLEVR's convention). Absent objects: shape and material -1, the rest 0.
+    """
+
+    def __init__(self, split, resolution, seed, size, device):
+        self.name, self.split, self.seed, self.device = "clevr-lite", split, seed, torch.device(device)
+        self.native_resolution = 64
+        self.resolution = resolution or self.native_resolution
+        self.size = _DEFAULT_SIZE[split] if size is None else size
+        self.max_objects, self.num_background, self.has_masks = 6, 1, True
+        self.properties = ("visible", "shape", "color", "scale", "x", "y", "material", "position", "rotation")
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        if len(idx) and (idx.min() < -self.size or idx.max() >= self.size):
+            raise IndexError(f"{self.name}/{self.split}: index out of range for {self.size} items")
+        idx = torch.where(idx < 0, idx + self.size, idx).to(self.device)
+        cam = _clevr_camera(self.resolution, self.device)
+        parts = [_render_clevr_lite(self.seed, self.split, idx[i: i + _CLEVR_CHUNK], cam)
+                 for i in range(0, len(idx), _CLEVR_CHUNK)] or [_render_clevr_lite(self.seed, self.split, idx, cam)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 
