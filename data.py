@@ -404,12 +404,12 @@ _CLEVR_LAMPS = (((6.44671, -2.90517, 4.2584), (1.0, 237 / 255, 208 / 255), 0.35)
 _CLEVR_AMBIENT, _CLEVR_SUN_I = 0.22, 0.45  # ambient and sun intensity (ours)
 _CLEVR_FLOOR = 0.62  # ground albedo (grey)
 _CLEVR_DRAWS = 5 + 2 * _CLEVR_TRIES  # per object slot: shape, size, colour, material, yaw, tries
-_CLEVR_CHUNK = 64  # images rendered together (keeps the working set in cache)
-_ID_BITS = 3  # a depth key holds the object id (< 8) in its low bits
+_CLEVR_CHUNK = 256  # images rendered together (keeps the working set in cache)
+_ID_BITS, _ID_MASK = 3, 7  # a depth key holds the object id (< 8) in its low bits
 
 
-def _unit(v):
-    return v / v.norm(dim=-1, keepdim=True)
+def _unit(v, dim=-1):
+    return v / v.norm(dim=dim, keepdim=True)
 
 
 class _ClevrCamera:
@@ -434,18 +434,18 @@ class _ClevrCamera:
         d = d.reshape(-1, 3).T  # (3, P)
         self.res, self.origin, self.forward, self.right, self.down = res, o, f, right, down
         t_floor = -o[2] / d[2]  # (P,) every ray goes down, so every pixel sees the ground
-        # Rows: dx, dy, dz, |d_xy|^2, |d|^2, 1/dz, t of the ground.
-        table = torch.stack([d[0], d[1], d[2], d[0] ** 2 + d[1] ** 2, (d * d).sum(0), 1 / d[2], t_floor])
-        self.table = table.float().to(device)  # (7, P)
-        ground = (o[:, None] + t_floor * d).T  # (P, 3) ground points
-        normal = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64).expand_as(ground)
+        # Rows: dx, dy, dz, |d_xy|^2, |d|^2, 1/dz, t of the ground, d / |d| (3).
+        view = _unit(d, 0)
+        table = torch.cat([d, torch.stack([d[0] ** 2 + d[1] ** 2, (d * d).sum(0), 1 / d[2], t_floor]), view])
+        self.table = table.float().to(device)  # (10, P)
+        ground = o[:, None] + t_floor * d  # (3, P) ground points
+        normal = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64).expand_as(ground)
         albedo = torch.full_like(ground, _CLEVR_FLOOR)
-        view = _unit(d.T)
-        lit, dark = (_clevr_shade(ground, normal, view, albedo, torch.zeros(len(ground), dtype=torch.bool),
-                                  torch.full((len(ground),), s, dtype=torch.bool)) for s in (False, True))
-        self.floor_lit = lit.T.float().to(device).contiguous()  # (3, P)
-        self.floor_dark = dark.T.float().to(device).contiguous()
-        self.floor_colour = lit.mean(0).float().to(device)  # (3,) the background entity's colour
+        no = torch.zeros(ground.shape[1], dtype=torch.bool)
+        lit, dark = (_clevr_shade(ground, normal, view, albedo, no, no | s) for s in (False, True))
+        self.floor_lit = lit.float().to(device)  # (3, P)
+        self.floor_dark = dark.float().to(device)
+        self.floor_colour = lit.mean(1).float().to(device)  # (3,) the background entity's colour
         self.sun = _unit(torch.tensor(_CLEVR_SUN, dtype=torch.float64)).float().to(device)
         self.o = self.origin.float().to(device)
         self.axes = torch.stack([f, right, down]).float().to(device)  # (3, 3)
@@ -474,36 +474,35 @@ def _clevr_camera(res, device):
 
 
 def _clevr_shade(x, n, view, albedo, metal, shadow):
-    """Colour (N, 3) of surface points x (N, 3) with unit normals n, seen along unit view rays.
+    """Colour (3, F) of surface points x (3, F) with unit normals n (3, F), seen along unit view
+    rays (3, F); albedo (3, F), metal and shadow (F,) bool.
 
-    Rubber: albedo * (ambient + sum of lamps' and sun's Lambert terms) + a faint Blinn-Phong sheen.
+    Rubber: albedo * (ambient + the lamps' and the sun's Lambert terms) + a faint Blinn-Phong sheen.
     Metal: a dimmer diffuse part, a mirror-like environment term (the reflected ray sees a bright
     sky above the horizon and the grey ground below) and a sharp highlight, all tinted by the
     albedo as a metal's reflections are. The sun is blocked where `shadow` is set.
     """
-    dt = x.dtype
-    sun = _unit(torch.tensor(_CLEVR_SUN, dtype=dt, device=x.device))
+    dt, dev = x.dtype, x.device
+    dot = lambda a, b: (a * b).sum(0)  # (F,) over the 3 rows
+    sun = _unit(torch.tensor(_CLEVR_SUN, dtype=dt, device=dev))[:, None]  # (3, 1)
     lit = (~shadow).to(dt)
-    diffuse = _CLEVR_AMBIENT + _CLEVR_SUN_I * lit * (n @ sun).clamp(min=0)  # (N,)
-    diffuse = diffuse[:, None].expand(-1, 3)
-    h = _unit(sun - view)  # Blinn half vector
-    gloss = lit * (n * h).sum(1).clamp(min=0)
-    diffuse_rgb, gloss_rgb = diffuse.clone(), [gloss]
+    light = (_CLEVR_AMBIENT + _CLEVR_SUN_I * lit * dot(n, sun).clamp(min=0)).expand(3, -1)  # (3, F)
+    unit = lambda v: v * dot(v, v).rsqrt()  # (3, F) (a norm over the 3 rows is far slower)
+    gloss = [lit * dot(n, unit(sun - view)).clamp(min=0)]  # Blinn cosines: sun, then each lamp
     for pos, colour, power in _CLEVR_LAMPS:
-        to = torch.tensor(pos, dtype=dt, device=x.device) - x  # (N, 3)
-        dist2 = (to * to).sum(1)
-        l = to / dist2.sqrt()[:, None]
-        falloff = power * (torch.tensor(pos, dtype=dt) ** 2).sum().item() / dist2  # power at the origin
-        diffuse_rgb = diffuse_rgb + (falloff * (n * l).sum(1).clamp(min=0))[:, None] * torch.tensor(
-            colour, dtype=dt, device=x.device)
-        gloss_rgb.append((n * _unit(l - view)).sum(1).clamp(min=0))
-    gloss = torch.stack(gloss_rgb, 1)  # (N, 4) Blinn cosines: sun, key, fill, back
-    rubber = albedo * diffuse_rgb + 0.05 * (gloss ** 12).sum(1, keepdim=True)
-    refl = view - 2 * (view * n).sum(1, keepdim=True) * n  # mirror direction
-    sky = 0.35 + 0.55 * ((refl[:, 2] + 0.1) / 0.4).clamp(0, 1)  # ground below the horizon, sky above
-    highlight = (gloss[:, :1] ** 80) * 1.5 * lit[:, None] + (gloss[:, 1:] ** 80).sum(1, keepdim=True) * 0.6
-    shiny = albedo * (0.35 * diffuse_rgb + 0.8 * sky[:, None] + highlight) + 0.25 * highlight
-    return torch.where(metal[:, None], shiny, rubber).clamp(0, 1)
+        to = torch.tensor(pos, dtype=dt, device=dev)[:, None] - x  # (3, F)
+        dist2 = dot(to, to)
+        l = to * dist2.rsqrt()
+        falloff = power * sum(c * c for c in pos) / dist2  # `power` at the origin, inverse-square
+        light = light + (falloff * dot(n, l).clamp(min=0)) * torch.tensor(colour, dtype=dt, device=dev)[:, None]
+        gloss.append(dot(n, unit(l - view)).clamp(min=0))
+    gloss = torch.stack(gloss)  # (4, F)
+    rubber = albedo * light + 0.05 * (gloss ** 12).sum(0)
+    refl_z = view[2] - 2 * dot(view, n) * n[2]  # height of the mirror direction
+    sky = 0.35 + 0.55 * ((refl_z + 0.1) / 0.4).clamp(0, 1)  # ground below the horizon, sky above
+    highlight = 1.5 * lit * gloss[0] ** 80 + 0.6 * (gloss[1:] ** 80).sum(0)
+    shiny = albedo * (0.35 * light + 0.8 * sky + highlight) + 0.25 * highlight
+    return torch.where(metal, shiny, rubber).clamp(0, 1)
 
 
 def _clevr_scene(u, cam):
@@ -531,7 +530,9 @@ def _clevr_scene(u, cam):
         free = ok[:, k]  # (B, T)
         if k:
             # CLEVR compares the new object's size with the earlier ones' stored radius (size/sqrt 2 for cubes)
-            gap = (tries[:, k, :, None] - pos[:, None, :k]).norm(dim=-1) - size[:, k, None, None] - half[:, None, :k]
+            dx = tries[:, k, :, None, 0] - pos[:, None, :k, 0]  # (B, T, k)
+            dy = tries[:, k, :, None, 1] - pos[:, None, :k, 1]
+            gap = (dx * dx + dy * dy).sqrt() - size[:, k, None, None] - half[:, None, :k]
             near = (along[:, k, :, None] - pos_along[:, None, :k]).abs() < _CLEVR_MARGIN  # (B, T, k, 2)
             clash = (gap < _CLEVR_MIN_DIST) | near.any(-1)  # (B, T, k)
             free = free & ~(clash & placed[:, None, :k]).any(-1)
@@ -632,7 +633,8 @@ def _hit_cube(p, d, oz):
 
 
 _HITS = (_hit_cube, _hit_sphere, _hit_cylinder)
-_NO_HIT = 0x7F800000 << _ID_BITS  # depth key of +inf: pixels keeping it see the ground
+_NO_HIT = 0x7F800000 << _ID_BITS  # depth key of +inf, id 0: pixels keeping it see the ground (a
+# missed ray's key, +inf or NaN bits with the object's id, is larger)
 
 
 def _clevr_depth(scene, cam):
@@ -649,7 +651,7 @@ def _clevr_depth(scene, cam):
         r0, r1, c0, c1 = _clevr_bounds(scene["pos"].reshape(-1, 2)[objs], par[3, objs], par[4, objs], cam, False)
         rect, row, col = _rectangles(r0, r1, c0, c1)
         obj, pix = objs[rect], row * cam.res + col  # (F,)
-        t = hit(par.index_select(1, obj), cam.table.index_select(1, pix), cam.o[2].item())
+        t = hit(par.index_select(1, obj), cam.table[:7].index_select(1, pix), cam.o[2].item())
         key = (t.view(torch.int32).long() << _ID_BITS) | (obj % K + 1)
         keys.scatter_reduce_(0, torch.div(obj, K, rounding_mode="floor") * P + pix, key, "amin")
     return keys.reshape(B, P)
@@ -717,7 +719,7 @@ def _clevr_shadows(scene, cam, keys, mask):
         at = torch.div(obj, K, rounding_mode="floor") * P + pix  # (F,) flat pixel
         other = flat_mask[at] != obj % K + 1
         obj, pix, at = obj[other], pix[other], at[other]
-        d = cam.table.index_select(1, pix)  # (7, F)
+        d = cam.table[:7].index_select(1, pix)  # (7, F)
         t = torch.where(flat_mask[at] > 0, _depth_of(flat_keys[at]), d[6])
         p = par.index_select(1, obj)
         x = [t * d[i] - p[i] for i in range(3)]  # the surface point relative to the object's centre
@@ -726,20 +728,19 @@ def _clevr_shadows(scene, cam, keys, mask):
 
 
 def _clevr_normals(shape, rel, half, cos, sin):
-    """Outward unit normals (F, 3) at surface points rel = X - C (F, 3): a sphere's radial one; a
+    """Outward unit normals (3, F) at surface points rel = X - C (3, F): a sphere's radial one; a
     cylinder's top (strictly inside the rim) or radial side; a box's face whose axis holds the
     largest |coordinate| (every face is at distance `half` from the centre)."""
     zero, one = torch.zeros_like(half), torch.ones_like(half)
-    sphere = rel / half[:, None]
-    top = rel[:, 0] ** 2 + rel[:, 1] ** 2 < (half * (1 - 1e-3)) ** 2
-    cylinder = torch.where(top[:, None], torch.stack([zero, zero, one], 1),
-                           torch.stack([rel[:, 0], rel[:, 1], zero], 1) / half[:, None])
-    q1, q2 = cos * rel[:, 0] + sin * rel[:, 1], cos * rel[:, 1] - sin * rel[:, 0]
-    a1, a2, a3 = q1.abs(), q2.abs(), rel[:, 2].abs()
-    cube = torch.where(((a3 >= a1) & (a3 >= a2))[:, None], torch.stack([zero, zero, torch.sign(rel[:, 2])], 1),
-                       torch.where((a1 >= a2)[:, None], torch.sign(q1)[:, None] * torch.stack([cos, sin, zero], 1),
-                                   torch.sign(q2)[:, None] * torch.stack([-sin, cos, zero], 1)))
-    return torch.where((shape == 0)[:, None], cube, torch.where((shape == 1)[:, None], sphere, cylinder))
+    sphere = rel / half
+    top = rel[0] ** 2 + rel[1] ** 2 < (half * (1 - 1e-3)) ** 2
+    cylinder = torch.where(top, torch.stack([zero, zero, one]), torch.stack([rel[0], rel[1], zero]) / half)
+    q1, q2 = cos * rel[0] + sin * rel[1], cos * rel[1] - sin * rel[0]
+    a1, a2, a3 = q1.abs(), q2.abs(), rel[2].abs()
+    cube = torch.where((a3 >= a1) & (a3 >= a2), torch.stack([zero, zero, torch.sign(rel[2])]),
+                       torch.where(a1 >= a2, torch.sign(q1) * torch.stack([cos, sin, zero]),
+                                   torch.sign(q2) * torch.stack([-sin, cos, zero])))
+    return torch.where(shape == 0, cube, torch.where(shape == 1, sphere, cylinder))
 
 
 def _render_clevr_lite(seed, split, idx, cam):
@@ -751,43 +752,46 @@ def _render_clevr_lite(seed, split, idx, cam):
     at most _CLEVR_ATTEMPTS times; the last attempt is kept as it is.
     """
     B, K, P, dev = len(idx), 6, cam.res * cam.res, idx.device
-    need = _CLEVR_MIN_PIXELS * (cam.res / _CLEVR_CROP[2]) ** 2
-    scene, keys, pending = {}, torch.empty(B, P, dtype=torch.int64, device=dev), torch.arange(B, device=dev)
+    need = _CLEVR_MIN_PIXELS * (cam.res / _CLEVR_CROP[2]) ** 2  # CLEVR's area, in this view's pixels
+    pending = torch.arange(B, device=dev)
     for attempt in range(_CLEVR_ATTEMPTS):
         u = _uniforms(seed, f"clevr-lite/{attempt}", split, idx[pending], 1 + K * _CLEVR_DRAWS)
         sc = _clevr_scene(u, cam)
         k = _clevr_depth(sc, cam)  # (n, P)
-        n = len(pending)
-        m = torch.where(k < _NO_HIT, k & (2 ** _ID_BITS - 1), 0)
-        counts = torch.zeros(n, K + 1, dtype=torch.int64, device=dev).scatter_add_(1, m, torch.ones_like(m))
+        m = k & _ID_MASK
+        sc["counts"] = torch.zeros(len(m), K + 1, dtype=torch.int64, device=dev).scatter_add_(
+            1, m, torch.ones(1, 1, dtype=torch.int64, device=dev).expand_as(m))  # (n, 7) pixels per id
         drawn = 3 + (u[:, 0] * 4).long()  # objects drawn (the placed ones come first)
-        ok = (sc["present"].sum(1) == drawn) & ((counts[:, 1:] >= need) | ~sc["present"]).all(1)
-        if attempt == _CLEVR_ATTEMPTS - 1:
-            ok[:] = True
-        for key, v in sc.items():
-            scene.setdefault(key, torch.empty((B,) + v.shape[1:], dtype=v.dtype, device=dev))[pending[ok]] = v[ok]
-        keys[pending[ok]] = k[ok]
+        ok = (sc["present"].sum(1) == drawn) & ((sc["counts"][:, 1:] >= need) | ~sc["present"]).all(1)
+        if attempt == 0:
+            scene, keys = sc, k
+        else:  # replace the failed scenes of the previous attempt
+            ok |= attempt == _CLEVR_ATTEMPTS - 1
+            for key, v in sc.items():
+                scene[key][pending[ok]] = v[ok]
+            keys[pending[ok]] = k[ok]
         pending = pending[~ok]
         if not len(pending):
             break
 
-    mask = torch.where(keys < _NO_HIT, keys & (2 ** _ID_BITS - 1), 0)  # (B, P)
+    mask = keys & _ID_MASK  # (B, P); the ground's key _NO_HIT has id 0
     shadow = _clevr_shadows(scene, cam, keys, mask)  # (B*P,)
     image = torch.where(shadow.reshape(B, 1, P), cam.floor_dark, cam.floor_lit)  # (B, 3, P)
     at = torch.nonzero(mask.reshape(-1) > 0)[:, 0]  # (F,) object pixels
     b = torch.div(at, P, rounding_mode="floor")
     pix, obj = at - b * P, b * K + mask.reshape(-1)[at] - 1
-    d = cam.table[:3, pix].T  # (F, 3)
-    x = cam.o + _depth_of(keys.reshape(-1)[at])[:, None] * d  # (F, 3) surface points
+    d = cam.table.index_select(1, pix)  # (10, F)
+    x = cam.o[:, None] + _depth_of(keys.reshape(-1)[at]) * d[:3]  # (3, F) surface points
     half, yaw = scene["half"].reshape(-1)[obj], scene["yaw"].reshape(-1)[obj]
-    centre = torch.cat([scene["pos"].reshape(-1, 2)[obj], half[:, None]], 1)
+    centre = torch.cat([scene["pos"].reshape(-1, 2)[obj].T, half[None]])  # (3, F)
     normal = _clevr_normals(scene["shape"].reshape(-1)[obj], x - centre, half, torch.cos(yaw), torch.sin(yaw))
-    albedo = _CLEVR_COLOURS.to(dev)[scene["colour"].reshape(-1)[obj]]
-    image[b, :, pix] = _clevr_shade(x, normal, _unit(d), albedo, scene["material"].reshape(-1)[obj] == 1, shadow[at])
+    albedo = _CLEVR_COLOURS.to(dev)[scene["colour"].reshape(-1)[obj]].T  # (3, F)
+    rgb = _clevr_shade(x, normal, d[7:], albedo, scene["material"].reshape(-1)[obj] == 1, shadow[at])
+    image[b, :, pix] = rgb.T
 
     present = scene["present"]
-    counts = torch.zeros(B, K + 1, dtype=torch.int64, device=dev).scatter_add_(1, mask, torch.ones_like(mask))
-    visible = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), present & (counts[:, 1:] >= _MIN_VISIBLE)], 1)
+    visible = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev),
+                         present & (scene["counts"][:, 1:] >= _MIN_VISIBLE)], 1)
     position = torch.cat([scene["pos"], scene["half"][..., None]], -1) * present[..., None]  # (B, K, 3)
     px, py, _ = cam.project(position)
     col = lambda bg, v: torch.cat([torch.full((B, 1) + v.shape[2:], bg, dtype=v.dtype, device=dev), v], 1)
