@@ -9,9 +9,12 @@ A batch is a dict of tensors (see DESIGN.md):
   id e, background entities included): visible bool (B, E), shape int64 (B, E),
   color float32 (B, E, 3), scale / x / y float32 (B, E).
 
-Every dataset has `name`, `num_background`, `max_objects`, and implements
-`__getitems__(indices)`, returning a whole batch as one dict, so a DataLoader
-built by `make_loader` fetches a batch with one vectorised call.
+Every dataset has `name`, `num_background`, `max_objects`, and three ways in:
+  get_batch(indices)   one batch dict for a list of indices, in one vectorised call
+  __getitem__(i)       one sample (the batch of one, squeezed): image (3, H, W), mask (H, W), ...
+  __getitems__(indices) a list of samples cut from one get_batch call (PyTorch's batched fetch)
+so `torch.utils.data.DataLoader(dataset, batch_size=8)` works with the default
+collate, and `make_loader` fetches each batch with one `get_batch` call.
 """
 import json
 import math
@@ -32,9 +35,16 @@ class DataError(Exception):
     message as one line and exits non-zero, without a traceback."""
 
 
-def _collate_batch(batch):
-    """`__getitems__` already returns a batched dict: pass it through."""
-    return batch
+def _sample(self, i):
+    """Sample i of a dataset with `get_batch`: the batch of one, squeezed."""
+    return {k: v[0] for k, v in self.get_batch([i]).items()}
+
+
+def _samples(self, indices):
+    """PyTorch's batched fetch (`__getitems__`): the samples of one `get_batch` call, as a
+    list that the default collate stacks back, so a plain DataLoader is vectorised too."""
+    batch = self.get_batch(indices)
+    return [{k: v[j] for k, v in batch.items()} for j in range(len(indices))]
 
 
 # --- Synthetic sets
@@ -286,7 +296,7 @@ def _render_tetrominoes(u, res):
 class SyntheticDataset(torch.utils.data.Dataset):
     """A built-in synthetic set (see BUILTIN); images are generated on the fly.
 
-    Item i is a pure function of (seed, split, i). `__getitems__(indices)` draws a
+    Item i is a pure function of (seed, split, i). `get_batch(indices)` draws a
     whole batch in one vectorised call and returns one dict:
       image float32 (B, 3, H, W) in [0, 1]; mask int64 (B, H, W), 0 = background,
       object j (drawing order) = j + 1; per entity e in 0..max_objects, aligned with
@@ -307,11 +317,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.size
 
-    def __getitem__(self, i):
-        """One unbatched item (the batch of one, squeezed)."""
-        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+    __getitem__, __getitems__ = _sample, _samples  # one sample; a list of samples (plain DataLoader)
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         """A batch for a list of indices (negative indices count from the end)."""
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         if len(idx) and (idx.min() < -self.size or idx.max() >= self.size):
@@ -931,10 +939,6 @@ def _index_split(path, n, split, val_size, test_size):
     return np.arange(lo, hi)
 
 
-def _unbatch(batch):
-    return {k: v[0] for k, v in batch.items()}
-
-
 def _finish_batch(images, mask, size, props=None):
     """Resize a cropped batch to size x size (images bilinear, masks nearest) and
     attach the per-entity arrays converted to the contract's dtypes."""
@@ -999,10 +1003,9 @@ class NpzDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
-        return _unbatch(self.__getitems__([i]))
+    __getitem__, __getitems__ = _sample, _samples
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         t, l, s = self.crop
         idx = np.asarray(indices)
         images = _images_to_float(self.images[idx, t:t + s, l:l + s])
@@ -1184,10 +1187,9 @@ class H5Dataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
-    def __getitem__(self, i):
-        return _unbatch(self.__getitems__([i]))
+    __getitem__, __getitems__ = _sample, _samples
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         f = self._h5()
         idx = self.indices[np.asarray(indices)]
         t, l, s = self.crop
@@ -1261,10 +1263,9 @@ class ClevrTexDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
-        return _unbatch(self.__getitems__([i]))
+    __getitem__, __getitems__ = _sample, _samples
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         images, masks = [], []
         for i in indices:
             file = self.files[i]
@@ -1362,8 +1363,7 @@ class CocoDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
-        return _unbatch(self.__getitems__([i]))
+    __getitem__, __getitems__ = _sample, _samples
 
     def _mask(self, name, h, w, anns):
         """int64 (h, w) at native size: ids 1..n, 0 background, -1 crowd/overlap."""
@@ -1391,7 +1391,7 @@ class CocoDataset(torch.utils.data.Dataset):
         mask[(count > 1) | crowd] = -1
         return mask
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         r = self.resolution
         images, masks = [], []
         for i in indices:
@@ -1428,10 +1428,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
-        return _unbatch(self.__getitems__([i]))
+    __getitem__, __getitems__ = _sample, _samples
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         r, images = self.resolution, []
         for i in indices:
             image = _open_image(self.files[i])
@@ -1554,19 +1553,47 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return math.ceil(len(range(self.rank, self.n, self.world)) / self.batch_size)
 
 
+def fetch_batch(dataset, indices):
+    """One batch dict for a list of indices: `dataset.get_batch(indices)`, looked up through
+    any `torch.utils.data.Subset` wrappers; a dataset without `get_batch` gets its samples
+    stacked by the default collate."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(indices)
+    return torch.utils.data.default_collate([dataset[i] for i in indices])
+
+
+class _Batches(torch.utils.data.Dataset):
+    """make_loader's view of a dataset: the item at a list of indices is the whole batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices):
+        return fetch_batch(self.dataset, indices)
+
+
+def _as_is(batch):
+    return batch
+
+
 def make_loader(dataset, batch_size, shuffle, seed=0, workers=0, distributed=False, start_step=0):
     """A DataLoader of batched dicts, deterministic given `seed`.
 
     shuffle=True gives an endless training stream starting at `start_step`
     (for exact resumption); shuffle=False one ordered evaluation pass.
     distributed=True shards the indices across the torch.distributed ranks.
+    Each batch is one `fetch_batch` call (one vectorised `get_batch`): the sampler
+    yields whole index lists and automatic batching is off (batch_size=None).
     """
     rank, world = 0, 1
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     sampler = StepBatchSampler(len(dataset), batch_size, shuffle, seed, rank, world, start_step)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=_collate_batch, num_workers=workers,
+        _Batches(dataset), sampler=sampler, batch_size=None, collate_fn=_as_is, num_workers=workers,
         persistent_workers=workers > 0,
         # pinning only helps host tensors; a dataset generated on the GPU is already there
         pin_memory=torch.cuda.is_available() and getattr(dataset, "device", torch.device("cpu")).type == "cpu",

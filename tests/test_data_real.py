@@ -1,5 +1,6 @@
 """Real-dataset loaders of data.py: tiny files written in each public layout."""
 import json
+import math
 import pickle
 import sys
 
@@ -45,12 +46,12 @@ def test_npz_single_file_splits_and_values(tmp_path):
     np.savez(tmp_path / "toy.npz", **a)
     sets = {s: data.open_real(tmp_path / "toy.npz", s) for s in data.SPLITS}
     assert [len(sets[s]) for s in data.SPLITS] == [16, 2, 2]  # t = min(1000, 20 // 10) = 2
-    seen = [index_of(sets[s].__getitems__(list(range(len(sets[s]))))) for s in data.SPLITS]
+    seen = [index_of(sets[s].get_batch(list(range(len(sets[s]))))) for s in data.SPLITS]
     assert seen == [list(range(16)), [16, 17], [18, 19]]
     ds = sets["val"]
     assert (ds.num_background, ds.max_objects, ds.has_masks) == (1, 2, True)
     assert set(ds.properties) == {"x", "color"}
-    b = ds.__getitems__([1, 0])
+    b = ds.get_batch([1, 0])
     check_batch(b, 2, 8)
     assert torch.equal(b["mask"], torch.from_numpy(a["mask"][[17, 16]]).long())
     assert torch.allclose(b["image"] * 255, torch.from_numpy(a["image"][[17, 16]]).permute(0, 3, 1, 2).float())
@@ -65,7 +66,7 @@ def test_npz_single_file_splits_and_values(tmp_path):
 def test_npz_resize_nearest_and_crop(tmp_path):
     a = write_npz(tmp_path / "wide.npz", h=8, w=12)
     ds = data.open_real(tmp_path / "wide.npz", "train", resolution=4)
-    b = ds.__getitems__([0])
+    b = ds.get_batch([0])
     check_batch(b, 1, 4)
     # centre square = cols 2:10; nearest 8 -> 4 samples pixel centres 1, 3, 5, 7
     assert torch.equal(b["mask"][0], torch.from_numpy(a["mask"][0, 1::2, 3:11:2]).long())
@@ -111,7 +112,7 @@ def test_unreadable_files_and_options(tmp_path):
 def test_make_dataset_dispatches_paths(tmp_path):
     write_npz(tmp_path / "toy.npz")
     ds = data.make_dataset(tmp_path / "toy.npz", "test", resolution=4)
-    check_batch(ds.__getitems__([0, 1]), 2, 4)
+    check_batch(ds.get_batch([0, 1]), 2, 4)
 
 
 # --- HDF5
@@ -142,7 +143,7 @@ def test_h5_flat_objects_room(tmp_path):
     ds = sets["test"]
     assert (ds.num_background, ds.max_objects, ds.name) == (4, 3, "objects_room")
     assert set(ds.properties) == {"visible", "x", "shape"}  # categorical colour left out
-    b = ds.__getitems__([2, 0, 2])  # unsorted, repeated: h5py needs sorted unique reads
+    b = ds.get_batch([2, 0, 2])  # unsorted, repeated: h5py needs sorted unique reads
     check_batch(b, 3, 16)
     assert index_of(b) == [29, 27, 29]
     assert torch.equal(b["mask"], torch.from_numpy(mask[[29, 27, 29], ..., 0]).long())
@@ -183,12 +184,12 @@ def test_h5_clevr_crop_and_clevr6_filter(tmp_path, visibility):
         want = [i for i in r if counts[i] <= 6]
         assert ds.max_objects == 6 and len(ds) == len(want)
         if want:
-            assert index_of(ds.__getitems__(list(range(len(ds))))) == want
+            assert index_of(ds.get_batch(list(range(len(ds))))) == want
     everything = data.open_real(file, "train", max_objects=None)
     assert len(everything) == n - 2 * t and everything.max_objects == 10
-    b = everything.__getitems__([0, 1])
+    b = everything.get_batch([0, 1])
     check_batch(b, 2, 128)
-    full = data.open_real(file, "train", resolution=192, max_objects=None).__getitems__([0])
+    full = data.open_real(file, "train", resolution=192, max_objects=None).get_batch([0])
     assert torch.allclose(full["image"][0, :, 0, 0] * 255, torch.tensor([0.0, 100, 50]))
     assert full["image"][0, 1, 0, 1:].max() == 0  # row 28 (green 200) is cut off
     assert torch.equal(full["mask"][0], torch.from_numpy(mask[0, 29:221, 64:256, 0]).long())
@@ -211,7 +212,7 @@ def test_h5_grouped_layout(tmp_path):
         assert len(data.open_real(file, split)) == n
     ds = data.open_real(file, "test")
     assert (ds.name, ds.num_background, ds.max_objects, ds.properties) == ("tetrominoes", 1, 3, ("visible",))
-    b = ds.__getitems__([2, 1])
+    b = ds.get_batch([2, 1])
     check_batch(b, 2, 12)
     assert index_of(b) == [2, 1]
     m = b["mask"][0]
@@ -275,21 +276,21 @@ def write_clevrtex(root, variant="full", n=10):
 def test_clevrtex(tmp_path):
     folder, flats = write_clevrtex(tmp_path)
     sets = {s: data.open_real(folder, s, resolution=192) for s in data.SPLITS}
-    got = {s: index_of(d.__getitems__(list(range(len(d))))) for s, d in sets.items()}
+    got = {s: index_of(d.get_batch(list(range(len(d))))) for s, d in sets.items()}
     assert got == {"test": [0], "val": [1], "train": list(range(2, 10))}
     ds = sets["train"]
     assert (ds.name, ds.num_background, ds.max_objects, ds.has_masks) == ("clevrtex_full", 1, 10, True)
-    check_batch(data.open_real(folder, "train").__getitems__([0, 1]), 2, 128)
+    check_batch(data.open_real(folder, "train").get_batch([0, 1]), 2, 128)
     native = data.open_real(tmp_path, "train", resolution=192)  # the parent folder works too
-    b = native.__getitems__([3])
+    b = native.get_batch([3])
     assert torch.allclose(b["image"][0, :, 0, 0] * 255, torch.tensor([5.0, 1, 2]))
     assert torch.equal(b["mask"][0], torch.from_numpy(flats[5][24:216, 64:256]).long())
     Image.new("RGB", (320, 241)).save(folder / "0" / "CLEVRTEX_full_000004.png")
     with pytest.raises(DataError, match="CLEVRTEX_full_000004.png"):
-        native.__getitems__([2])
+        native.get_batch([2])
     (folder / "0" / "CLEVRTEX_full_000004.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match="CLEVRTEX_full_000004.png.*unreadable"):
-        native.__getitems__([2])
+        native.get_batch([2])
     with pytest.raises(DataError, match="clevrtex_camo"):
         data.open_real(tmp_path, "train", variant="camo")
     (tmp_path / "clevrtex_outd").mkdir()
@@ -384,7 +385,7 @@ def test_coco(tmp_path):
     write_coco(tmp_path, anns)
     ds = data.open_real(tmp_path, "val", resolution=20)
     assert (len(ds), ds.name, ds.num_background, ds.max_objects, ds.has_masks) == (2, "coco", 1, 4, True)
-    b = ds.__getitems__([1, 0])  # id order: image 3 then image 7
+    b = ds.get_batch([1, 0])  # id order: image 3 then image 7
     check_batch(b, 2, 20)
     # image 7: the short side (20) is already the resolution; the crop keeps cols 5:25
     assert torch.equal(b["mask"][0], torch.from_numpy(want[:, 5:25]))
@@ -392,8 +393,8 @@ def test_coco(tmp_path):
     assert torch.allclose(b["image"], torch.full_like(b["image"], 128 / 255), atol=2 / 255)
     assert len(data.open_real(tmp_path, "test")) == 2  # test reads val2017
     default = data.open_real(tmp_path, "val")
-    check_batch(default.__getitems__([0, 1]), 2, 224)
-    small = data.open_real(tmp_path, "val", resolution=10).__getitems__([1])["mask"][0]
+    check_batch(default.get_batch([0, 1]), 2, 224)
+    small = data.open_real(tmp_path, "val", resolution=10).get_batch([1])["mask"][0]
     assert torch.equal(small, torch.from_numpy(want[1::2, 5:25:2]))  # nearest, pixel centres
     with pytest.raises(DataError, match="instances_train2017.json"):
         data.open_real(tmp_path, "train")
@@ -408,11 +409,11 @@ def test_coco_malformed(tmp_path):
                                            segmentation=dict(counts=[5, 5], size=[20, 30]))])
     ds = data.open_real(tmp_path / "broken", "val")
     with pytest.raises(DataError, match="instances_val2017.json: bad segmentation for a.jpg"):
-        ds.__getitems__([1])
+        ds.get_batch([1])
     write_coco(tmp_path / "noimage", [])
     (tmp_path / "noimage" / "val2017" / "a.jpg").unlink()
     with pytest.raises(DataError, match="a.jpg"):
-        data.open_real(tmp_path / "noimage", "val").__getitems__([1])
+        data.open_real(tmp_path / "noimage", "val").get_batch([1])
 
 
 # --- Image folder
@@ -428,15 +429,66 @@ def test_image_folder(tmp_path):
     (tmp_path / "pics" / "notes.txt").write_text("not an image")
     ds = data.open_real(tmp_path / "pics", "train")
     assert (len(ds), ds.has_masks, ds.properties) == (3, False, ())
-    b = ds.__getitems__([0, 1, 2])
+    b = ds.get_batch([0, 1, 2])
     check_batch(b, 3, 64)
     assert (b["mask"] == -1).all()
     assert torch.allclose(b["image"][1], torch.full((3, 64, 64), 200 / 255))  # crop, then resize
     assert len(data.open_real(tmp_path / "pics", "test")) == 3  # same images for every split
-    check_batch(data.open_real(tmp_path / "pics", "val", resolution=8).__getitems__([2]), 1, 8)
+    check_batch(data.open_real(tmp_path / "pics", "val", resolution=8).get_batch([2]), 1, 8)
     (tmp_path / "pics" / "sub" / "c.jpg").write_bytes(b"broken")
     with pytest.raises(DataError, match="c.jpg"):
-        ds.__getitems__([2])
+        ds.get_batch([2])
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: no .png/.jpg images"):
         data.open_real(tmp_path / "empty", "train")
+
+
+# --- every dataset class in a plain DataLoader (default collate)
+
+
+def write_images(folder, n=5):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((12 + i, 10, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def open_kind(kind, root):
+    """A small dataset of each real-data class, written under root."""
+    if kind == "npz":
+        write_npz(root / "toy.npz")
+        return data.open_real(root / "toy.npz", "train")
+    if kind == "hdf5":
+        write_flat_h5(root / "objects_room.h5", n=30, h=16, w=16, e=7)
+        return data.open_real(root / "objects_room.h5", "train")
+    if kind == "clevrtex":
+        return data.open_real(write_clevrtex(root)[0], "train", resolution=32)
+    if kind == "coco":
+        write_coco(root, coco_case()[0])
+        return data.open_real(root, "val", resolution=16)
+    return data.open_real(write_images(root / "pics"), "train", resolution=8)
+
+
+def assert_same_batch(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("kind", ["npz", "hdf5", "clevrtex", "coco", "image-folder"])
+def test_plain_dataloader_default_collate(tmp_path, kind):
+    ds = open_kind(kind, tmp_path)
+    idx = [len(ds) - 1, 0, len(ds) // 2]  # COCO has 2 images: [1, 0, 1]
+    want = ds.get_batch(idx)
+    assert {k: v.shape[0] for k, v in want.items()} == {k: 3 for k in want}
+    # a plain DataLoader: __getitems__ through the Subset, then the default collate
+    subset = torch.utils.data.Subset(ds, idx)
+    assert_same_batch(next(iter(torch.utils.data.DataLoader(subset, batch_size=3))), want)
+    # sample by sample (__getitem__), as a DataLoader over a dataset without __getitems__ does
+    assert_same_batch(torch.utils.data.default_collate([ds[i] for i in idx]), want)
+    # the same tensors as make_loader's whole-batch path, batch by batch
+    plain = list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=int(kind == "hdf5")))
+    fast = list(data.make_loader(ds, 2, shuffle=False))
+    assert len(plain) == len(fast) == math.ceil(len(ds) / 2)
+    for a, b in zip(plain, fast):
+        assert_same_batch(a, b)

@@ -40,7 +40,7 @@ def model_and_args(*extra):
 
 
 def images(n=4, res=16):
-    return data.make_dataset("shapes", "train", res).__getitems__(list(range(n)))["image"]
+    return data.make_dataset("shapes", "train", res).get_batch(list(range(n)))["image"]
 
 
 def run_main(tmp_path, capsys, *extra):
@@ -298,7 +298,7 @@ def test_cache_round_trips_and_rebuilds_when_stale(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     batch = cache.__getitems__([3, 0, 7])
     assert set(batch) == {"feat"} and batch["feat"].shape == (3, 2, 16, 64)
-    x = ds.__getitems__([3, 0, 7])["image"]
+    x = ds.get_batch([3, 0, 7])["image"]
     with torch.no_grad():
         torch.testing.assert_close(batch["feat"][:, 0], enc(x), atol=2e-3, rtol=2e-3)  # float16 storage
         torch.testing.assert_close(batch["feat"][:, 1], enc(x.flip(-1)), atol=2e-3, rtol=2e-3)
@@ -414,7 +414,7 @@ def test_block_baseline(tmp_path):
     ev = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert ev["baseline"] == "blocks" and 0 <= ev["mbo"] <= 1 and "mse" not in ev
     ds = data.make_dataset("shapes-binary", "test", 16)
-    batch = ds.__getitems__(list(range(16)))
+    batch = ds.get_batch(list(range(16)))
     m = metrics.segmentation_metrics(batch["mask"], dn.block_masks(3, 16, 16).expand(16, -1, -1, -1), 1)
     assert ev["fg_ari"] == pytest.approx(metrics.average_metrics(m)["fg_ari"])
     assert (tmp_path / "b" / "samples" / "blocks.png").is_file()

@@ -41,7 +41,7 @@ def model_and_args(*extra):
 
 
 def images(n=4, res=16):
-    return data.make_dataset("shapes", "train", res).__getitems__(list(range(n)))["image"]
+    return data.make_dataset("shapes", "train", res).get_batch(list(range(n)))["image"]
 
 
 def run_cli(tmp_path, *extra, env=None):
