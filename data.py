@@ -839,10 +839,11 @@ class ClevrLiteDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.size
 
-    def __getitem__(self, i):
-        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+    __getitem__, __getitems__ = _sample, _samples  # one sample; a list of samples (plain DataLoader)
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
+        """A batch for a list of indices (negative indices count from the end), rendered in
+        chunks of _CLEVR_CHUNK images."""
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         if len(idx) and (idx.min() < -self.size or idx.max() >= self.size):
             raise IndexError(f"{self.name}/{self.split}: index out of range for {self.size} items")
