@@ -56,6 +56,7 @@ def _samples(self, indices):
 #   shapes-binary   64 px, 2-3 white sprites on black (binarized)
 #   tetrominoes     35 px, 3 of the 19 fixed tetrominoes, 5x5-px blocks on the 7x7
 #                   cell grid, 6 colours on black
+#   clevr-lite      64 px, 3-6 shaded CLEVR objects, ray cast (its own section below)
 # Image i of a split is a pure function of (seed, split, i): every random number is
 # a counter-based hash of (seed, set name, split, i, draw number), so a batch is
 # generated in one vectorised call and an image does not depend on the batch it is
@@ -351,8 +352,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
 def make_synthetic(name, split, resolution=None, seed=0, size=None, device="cpu", **options):
     """The built-in set `name` (one of BUILTIN) for `split`.
 
-    resolution: output side in pixels (None: 64 for sprites, 35 for tetrominoes);
-    sprites are rasterised directly at that size, tetrominoes resized nearest.
+    resolution: output side in pixels (None: 64 for sprites and clevr-lite, 35 for tetrominoes);
+    sprites and clevr-lite are drawn directly at that size, tetrominoes resized nearest.
     size: number of items (default train 1,000,000, val and test 1,000).
     device: where batches are generated (and returned).
     """
@@ -401,16 +402,21 @@ _CLEVR_MARGIN = 0.4  # render_images.py --margin: separation along the camera's 
 _CLEVR_MIN_PIXELS = 200  # render_images.py --min_pixels_per_object, in the 320x240 frame
 _CLEVR_TRIES = 32  # placements tried per object (render_images.py --max_retries 50 before a restart)
 _CLEVR_ATTEMPTS = 6  # whole scenes drawn before the last one is kept as it is (CLEVR restarts forever)
-_CLEVR_CAMERA = (7.48113, -6.50764, 5.34367)  # kubric examples/clevr_worker.py: position, look_at origin
-_CLEVR_FOCAL = 350.0  # pixels of the 320-px frame: focal 35 mm on a 32-mm sensor (kubric), 35 / 32 * 320
-_CLEVR_SUN = (11.6608, -6.62799, 25.8232)  # kubric assets/utils.py get_clevr_lights: sun position
-# Lamps (position, colour, intensity at the origin): kubric get_clevr_lights' key (0xffedd0), fill
-# (0xc2d0ff) and back lamps, as point lights with inverse-square falloff; intensities are ours.
-_CLEVR_LAMPS = (((6.44671, -2.90517, 4.2584), (1.0, 237 / 255, 208 / 255), 0.35),
-                ((-4.67112, -4.0136, 3.01122), (194 / 255, 208 / 255, 1.0), 0.15),
-                ((-1.1685, 2.64602, 5.81574), (1.0, 1.0, 1.0), 0.10))
-_CLEVR_AMBIENT, _CLEVR_SUN_I = 0.22, 0.45  # ambient and sun intensity (ours)
-_CLEVR_FLOOR = 0.62  # ground albedo (grey)
+# kubric challenges/movi/movi_ab_worker.py --camera clevr: position (without its jitter), look_at origin
+_CLEVR_CAMERA = (7.48113, -6.50764, 5.34367)
+_CLEVR_FOCAL = 350.0  # pixels of the 320-px frame: focal_length=35, sensor_width=32 (same file), 35 / 32 * 320
+_CLEVR_SUN = (11.6608, -6.62799, 25.8232)  # kubric kubric/assets/utils.py get_clevr_lights: sun position
+# Lighting is ours (CLEVR path-traces Blender area lamps): Lambert and Blinn-Phong terms in linear
+# RGB, encoded with gamma 2 (sRGB: ~2.2) like Blender's sRGB output, so CLEVR's albedos (linear in Blender)
+# come out about as light as in CLEVR's images. Lamps: kubric get_clevr_lights' key (0xffedd0),
+# fill (0xc2d0ff) and back lamps (position, colour, intensity at the origin), as point lights
+# whose light falls off as 1 / distance.
+_CLEVR_LAMPS = (((6.44671, -2.90517, 4.2584), (1.0, 237 / 255, 208 / 255), 0.2),
+                ((-4.67112, -4.0136, 3.01122), (194 / 255, 208 / 255, 1.0), 0.08),
+                ((-1.1685, 2.64602, 5.81574), (1.0, 1.0, 1.0), 0.07))
+_CLEVR_AMBIENT, _CLEVR_SUN_I = 0.07, 0.25  # ambient and sun (directional, shadowed) intensity
+_CLEVR_FLOOR = 0.42  # ground albedo: lit, it reads 0.42 at the top of the view to 0.56 at the bottom, as in CLEVR
+_CLEVR_SKY, _CLEVR_GROUND = 0.08, 0.3  # what a metal mirrors above and below the horizon (linear)
 _CLEVR_DRAWS = 5 + 2 * _CLEVR_TRIES  # per object slot: shape, size, colour, material, yaw, tries
 _CLEVR_CHUNK = 256  # images rendered together (keeps the working set in cache)
 _ID_BITS, _ID_MASK = 3, 7  # a depth key holds the object id (< 8) in its low bits
@@ -418,6 +424,26 @@ _ID_BITS, _ID_MASK = 3, 7  # a depth key holds the object id (< 8) in its low bi
 
 def _unit(v, dim=-1):
     return v / v.norm(dim=dim, keepdim=True)
+
+
+# Every per-pixel and per-object value is computed with IEEE-exact operations (+ - * / sqrt) in a
+# fixed order, never with a vectorised transcendental function or a matrix product, whose last bit
+# can depend on where an element sits in a vector: so an image does not depend on its batch.
+
+def _dot3(a, b):
+    """a . b over 3 components given as sequences (rows or numbers), summed in a fixed order."""
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+def _ipow(x, n):
+    """x ** n for an integer n >= 1 by repeated squaring (exact products, no pow())."""
+    out = None
+    while n:
+        if n & 1:
+            out = x if out is None else out * x
+        n >>= 1
+        x = x * x if n else x
+    return out
 
 
 class _ClevrCamera:
@@ -455,20 +481,21 @@ class _ClevrCamera:
         self.floor_dark = dark.float().to(device)
         self.floor_colour = lit.mean(1).float().to(device)  # (3,) the background entity's colour
         self.sun = _unit(torch.tensor(_CLEVR_SUN, dtype=torch.float64)).float().to(device)
-        self.o = self.origin.float().to(device)
-        self.axes = torch.stack([f, right, down]).float().to(device)  # (3, 3)
+        self.o = self.origin.float().to(device)  # (3,)
+        self.axes = torch.stack([f, right, down]).tolist()  # rows: the camera's axes (python floats)
         # Ground axes of render_images.py's margin rule: the camera's left and behind, flattened.
         self.ground_axes = torch.stack([_unit(-right * torch.tensor([1.0, 1, 0], dtype=torch.float64))[:2],
-                                        _unit(f * torch.tensor([1.0, 1, 0], dtype=torch.float64))[:2]]).float().to(device)
+                                        _unit(f * torch.tensor([1.0, 1, 0], dtype=torch.float64))[:2]]).tolist()
 
     def project(self, p):
         """World points (..., 3) -> (x, y) in [0, 1] image coordinates (x = column, y = row) and depth."""
         top, left, side = _CLEVR_CROP
         frame_h, frame_w = _CLEVR_SIZE
-        cam = (p - self.o) @ self.axes.T  # (..., 3): depth, right, down
-        x = (cam[..., 1] / cam[..., 0] * _CLEVR_FOCAL + frame_w / 2 - left) / side
-        y = (cam[..., 2] / cam[..., 0] * _CLEVR_FOCAL + frame_h / 2 - top) / side
-        return x, y, cam[..., 0]
+        v = [p[..., i] - self.o[i] for i in range(3)]
+        depth, rt, dn = (_dot3(v, a) for a in self.axes)  # (...,) each
+        x = (rt / depth * _CLEVR_FOCAL + frame_w / 2 - left) / side
+        y = (dn / depth * _CLEVR_FOCAL + frame_h / 2 - top) / side
+        return x, y, depth
 
 
 _CLEVR_CAMERAS = {}
@@ -486,31 +513,33 @@ def _clevr_shade(x, n, view, albedo, metal, shadow):
     rays (3, F); albedo (3, F), metal and shadow (F,) bool.
 
     Rubber: albedo * (ambient + the lamps' and the sun's Lambert terms) + a faint Blinn-Phong sheen.
-    Metal: a dimmer diffuse part, a mirror-like environment term (the reflected ray sees a bright
-    sky above the horizon and the grey ground below) and a sharp highlight, all tinted by the
-    albedo as a metal's reflections are. The sun is blocked where `shadow` is set.
+    Metal: a little diffuse light, a mirror-like environment (the reflected ray sees the lit
+    ground below the horizon and a dim sky above) and sharp highlights, tinted by the albedo as a
+    metal's reflections are, plus a little white. The sun is blocked where `shadow` is set.
     """
     dt, dev = x.dtype, x.device
-    dot = lambda a, b: (a * b).sum(0)  # (F,) over the 3 rows
+    dot = _dot3
+    unit = lambda v: v * dot(v, v).rsqrt()  # (3, F) (a norm over the 3 rows is far slower)
     sun = _unit(torch.tensor(_CLEVR_SUN, dtype=dt, device=dev))[:, None]  # (3, 1)
     lit = (~shadow).to(dt)
     light = (_CLEVR_AMBIENT + _CLEVR_SUN_I * lit * dot(n, sun).clamp(min=0)).expand(3, -1)  # (3, F)
-    unit = lambda v: v * dot(v, v).rsqrt()  # (3, F) (a norm over the 3 rows is far slower)
     gloss = [lit * dot(n, unit(sun - view)).clamp(min=0)]  # Blinn cosines: sun, then each lamp
     for pos, colour, power in _CLEVR_LAMPS:
         to = torch.tensor(pos, dtype=dt, device=dev)[:, None] - x  # (3, F)
-        dist2 = dot(to, to)
-        l = to * dist2.rsqrt()
-        falloff = power * sum(c * c for c in pos) / dist2  # `power` at the origin, inverse-square
+        inv = dot(to, to).rsqrt()
+        l = to * inv
+        falloff = power * math.sqrt(sum(c * c for c in pos)) * inv  # `power` at the origin
         light = light + (falloff * dot(n, l).clamp(min=0)) * torch.tensor(colour, dtype=dt, device=dev)[:, None]
         gloss.append(dot(n, unit(l - view)).clamp(min=0))
     gloss = torch.stack(gloss)  # (4, F)
-    rubber = albedo * light + 0.05 * (gloss ** 12).sum(0)
+    sheen = _ipow(gloss, 10)
+    rubber = albedo * light + 0.04 * (((sheen[0] + sheen[1]) + sheen[2]) + sheen[3])
     refl_z = view[2] - 2 * dot(view, n) * n[2]  # height of the mirror direction
-    sky = 0.35 + 0.55 * ((refl_z + 0.1) / 0.4).clamp(0, 1)  # ground below the horizon, sky above
-    highlight = 1.5 * lit * gloss[0] ** 80 + 0.6 * (gloss[1:] ** 80).sum(0)
-    shiny = albedo * (0.35 * light + 0.8 * sky + highlight) + 0.25 * highlight
-    return torch.where(metal, shiny, rubber).clamp(0, 1)
+    env = _CLEVR_SKY + (_CLEVR_GROUND - _CLEVR_SKY) * ((0.1 - refl_z) / 0.3).clamp(0, 1)  # sky, then ground
+    spot = _ipow(gloss, 80)
+    highlight = 2.0 * lit * spot[0] + ((spot[1] + spot[2]) + spot[3])
+    shiny = albedo * (0.1 * light + env + highlight) + 0.3 * highlight
+    return torch.where(metal, shiny, rubber).clamp(0, 1).sqrt()  # gamma 2 encoding (sRGB's is ~2.2)
 
 
 def _clevr_scene(u, cam):
@@ -526,11 +555,14 @@ def _clevr_scene(u, cam):
     shape = (d[..., 0] * 3).long()  # (B, K) 0 cube, 1 sphere, 2 cylinder
     size = torch.tensor(_CLEVR_SIZES, device=dev)[(d[..., 1] * 2).long()]
     half = torch.where(shape == 0, size / math.sqrt(2), size)  # cube half side / radius = centre height
+    yaw = d[..., 4] * (2 * math.pi)  # render_images.py: theta = 360 * random.random() (degrees)
     tries = ((d[..., 5:] * 2 - 1) * _CLEVR_RANGE).reshape(B, K, T, 2)  # (B, K, T, 2)
     px, py, _ = cam.project(torch.cat([tries, half[..., None, None].expand(B, K, T, 1)], -1))
     ok = (px > 0) & (px < 1) & (py > 0) & (py < 1)  # (B, K, T) centre in view
     ok &= (torch.arange(K, device=dev) < count[:, None])[..., None]
-    along = tries @ cam.ground_axes.T  # (B, K, T, 2) coordinates along the camera's left and behind
+    (lx, ly), (bx, by) = cam.ground_axes
+    tx, ty = tries[..., 0], tries[..., 1]
+    along = torch.stack([tx * lx + ty * ly, tx * bx + ty * by], -1)  # (B, K, T, 2)
     pos = torch.zeros(B, K, 2, device=dev)
     pos_along = torch.zeros(B, K, 2, device=dev)
     placed = torch.zeros(B, K, dtype=torch.bool, device=dev)
@@ -552,7 +584,11 @@ def _clevr_scene(u, cam):
     take = lambda x: x.gather(1, order if x.dim() == 2 else order[..., None].expand_as(x))
     return {"present": take(placed), "shape": take(shape), "size": take(size), "half": take(half),
             "colour": take((d[..., 2] * 8).long()), "material": take((d[..., 3] * 2).long()),
-            "yaw": take(d[..., 4] * (2 * math.pi)), "pos": take(pos)}  # render_images.py: theta = 360 * random
+            # cos and sin in float64, then rounded: a last-bit difference of a vectorised cos
+            # cannot reach float32 (in practice), so an image does not depend on its batch
+            "yaw": take(yaw), "cos": take(torch.cos(yaw.double()).float()),
+            "sin": take(torch.sin(yaw.double()).float()),
+            "pos": take(pos)}
 
 
 def _rectangles(r0, r1, c0, c1):
@@ -595,10 +631,10 @@ def _clevr_params(scene, cam):
     """Per-object constants of the intersection tests, (12, B*6), object o = 6 b + k.
     Rows: L = C - O (3), radius or half side, height, cos yaw, sin yaw, |L|^2 - r^2,
     |L_xy|^2 - r^2, L along the box's two ground axes, height - O_z."""
-    half, pos, yaw = scene["half"].reshape(-1), scene["pos"].reshape(-1, 2), scene["yaw"].reshape(-1)
+    half, pos = scene["half"].reshape(-1), scene["pos"].reshape(-1, 2)
     o = cam.o
     lx, ly, lz = pos[:, 0] - o[0], pos[:, 1] - o[1], half - o[2]  # the centre is at height `half`
-    cos, sin = torch.cos(yaw), torch.sin(yaw)
+    cos, sin = scene["cos"].reshape(-1), scene["sin"].reshape(-1)
     lxy2 = lx * lx + ly * ly
     return torch.stack([lx, ly, lz, half, 2 * half, cos, sin, lxy2 + lz * lz - half * half, lxy2 - half * half,
                         cos * lx + sin * ly, cos * ly - sin * lx, 2 * half - o[2]])
@@ -790,9 +826,10 @@ def _render_clevr_lite(seed, split, idx, cam):
     pix, obj = at - b * P, b * K + mask.reshape(-1)[at] - 1
     d = cam.table.index_select(1, pix)  # (10, F)
     x = cam.o[:, None] + _depth_of(keys.reshape(-1)[at]) * d[:3]  # (3, F) surface points
-    half, yaw = scene["half"].reshape(-1)[obj], scene["yaw"].reshape(-1)[obj]
+    half = scene["half"].reshape(-1)[obj]
     centre = torch.cat([scene["pos"].reshape(-1, 2)[obj].T, half[None]])  # (3, F)
-    normal = _clevr_normals(scene["shape"].reshape(-1)[obj], x - centre, half, torch.cos(yaw), torch.sin(yaw))
+    normal = _clevr_normals(scene["shape"].reshape(-1)[obj], x - centre, half, scene["cos"].reshape(-1)[obj],
+                            scene["sin"].reshape(-1)[obj])
     albedo = _CLEVR_COLOURS.to(dev)[scene["colour"].reshape(-1)[obj]].T  # (3, F)
     rgb = _clevr_shade(x, normal, d[7:], albedo, scene["material"].reshape(-1)[obj] == 1, shadow[at])
     image[b, :, pix] = rgb.T

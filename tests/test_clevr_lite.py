@@ -158,7 +158,8 @@ def test_batch_format():
     assert (b["color"][:, 1:][present][:, None] - palette).abs().amax(-1).min(1).values.max() < 1e-6
     assert torch.isin(b["color"][:, 1:][present], palette).all()
     pos = b["position"][:, 1:][present]
-    assert pos[:, :2].abs().max() <= 3 and ((b["rotation"][:, 1:][present] >= 0) & (b["rotation"][:, 1:][present] < 360)).all()
+    rotation = b["rotation"][:, 1:][present]
+    assert pos[:, :2].abs().max() <= 3 and ((rotation >= 0) & (rotation < 360)).all()
     # each solid stands on the ground: centre height = radius, or half side (size / sqrt 2) for cubes
     half = torch.where(b["shape"][:, 1:][present] == 0, b["scale"][:, 1:][present] / math.sqrt(2),
                        b["scale"][:, 1:][present])
@@ -227,7 +228,7 @@ def test_nearer_object_hides_farther_whatever_the_drawing_order():
     for first, second, near_id in ((near, far, 1), (far, near, 2)):
         scene = {"present": torch.tensor([[True, True, False, False, False, False]]),
                  "shape": torch.tensor([[1, 1, 0, 0, 0, 0]]), "size": torch.full((1, 6), 0.7),
-                 "half": torch.full((1, 6), 0.7), "yaw": torch.zeros(1, 6),
+                 "half": torch.full((1, 6), 0.7), "cos": torch.ones(1, 6), "sin": torch.zeros(1, 6),
                  "pos": torch.cat([torch.stack([first, second])[None], torch.zeros(1, 4, 2)], 1)}
         mask = (data._clevr_depth(scene, cam) & 7).reshape(64, 64)
         assert int(mask[row, col]) == near_id
