@@ -394,8 +394,7 @@ _CLEVR_COLOURS = torch.tensor([  # clevr-dataset-gen image_generation/data/prope
     [87, 87, 87], [173, 35, 35], [42, 75, 215], [29, 105, 20],  # gray red blue green
     [129, 74, 25], [129, 38, 192], [41, 208, 208], [255, 238, 51]]) / 255.0  # brown purple cyan yellow
 _CLEVR_SIZES = (0.35, 0.7)  # properties.json "sizes": small, large (a cube's half side is size / sqrt 2)
-_CLEVR_SHAPES = ("cube", "sphere", "cylinder")  # properties.json "shapes" order: shape ids 0, 1, 2
-_CLEVR_MATERIALS = ("rubber", "metal")  # properties.json "materials": material ids 0, 1
+# shape ids 0 cube, 1 sphere, 2 cylinder and material ids 0 rubber, 1 metal: properties.json's order
 _CLEVR_RANGE = 3.0  # render_images.py: x, y = random.uniform(-3, 3)
 _CLEVR_MIN_DIST = 0.25  # render_images.py --min_dist: centre distance minus both radii
 _CLEVR_MARGIN = 0.4  # render_images.py --margin: separation along the camera's left and behind axes
@@ -466,7 +465,7 @@ class _ClevrCamera:
         v = (top + centres - frame_h / 2) / _CLEVR_FOCAL  # (res,) rows
         d = f + u[None, :, None] * right + v[:, None, None] * down  # (res, res, 3)
         d = d.reshape(-1, 3).T  # (3, P)
-        self.res, self.origin, self.forward, self.right, self.down = res, o, f, right, down
+        self.res = res
         t_floor = -o[2] / d[2]  # (P,) every ray goes down, so every pixel sees the ground
         # Rows: dx, dy, dz, |d_xy|^2, |d|^2, 1/dz, t of the ground, d / |d| (3).
         view = _unit(d, 0)
@@ -481,7 +480,7 @@ class _ClevrCamera:
         self.floor_dark = dark.float().to(device)
         self.floor_colour = lit.mean(1).float().to(device)  # (3,) the background entity's colour
         self.sun = _unit(torch.tensor(_CLEVR_SUN, dtype=torch.float64)).float().to(device)
-        self.o = self.origin.float().to(device)  # (3,)
+        self.o = o.float().to(device)  # (3,)
         self.axes = torch.stack([f, right, down]).tolist()  # rows: the camera's axes (python floats)
         # Ground axes of render_images.py's margin rule: the camera's left and behind, flattened.
         self.ground_axes = torch.stack([_unit(-right * torch.tensor([1.0, 1, 0], dtype=torch.float64))[:2],
