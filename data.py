@@ -531,11 +531,11 @@ def _clevr_shade(x, n, view, albedo, metal, shadow):
         light = light + (falloff * dot(n, l).clamp(min=0)) * torch.tensor(colour, dtype=dt, device=dev)[:, None]
         gloss.append(dot(n, unit(l - view)).clamp(min=0))
     gloss = torch.stack(gloss)  # (4, F)
-    sheen = _ipow(gloss, 10)
+    sheen = _ipow(gloss, 8)  # Blinn-Phong exponents 8 (rubber) and 64 (metal), by repeated squaring
+    spot = _ipow(sheen, 8)
     rubber = albedo * light + 0.04 * (((sheen[0] + sheen[1]) + sheen[2]) + sheen[3])
     refl_z = view[2] - 2 * dot(view, n) * n[2]  # height of the mirror direction
     env = _CLEVR_SKY + (_CLEVR_GROUND - _CLEVR_SKY) * ((0.1 - refl_z) / 0.3).clamp(0, 1)  # sky, then ground
-    spot = _ipow(gloss, 80)
     highlight = 2.0 * lit * spot[0] + ((spot[1] + spot[2]) + spot[3])
     shiny = albedo * (0.1 * light + env + highlight) + 0.3 * highlight
     return torch.where(metal, shiny, rubber).clamp(0, 1).sqrt()  # gamma 2 encoding (sRGB's is ~2.2)
@@ -590,16 +590,19 @@ def _clevr_scene(u, cam):
             "pos": take(pos)}
 
 
-def _rectangles(r0, r1, c0, c1):
-    """Every pixel of rectangles n = rows r0[n]..r1[n] x columns c0[n]..c1[n] (empty if r1 < r0 or
-    c1 < c0): (rectangle index, row, column), each (F,), rectangle by rectangle, row-major."""
+def _rectangles(r0, r1, c0, c1, res):
+    """Every pixel of the rectangles n = rows r0[n]..r1[n] x columns c0[n]..c1[n] of a res x res
+    image (empty if r1 < r0 or c1 < c0), rectangle by rectangle, row-major: (rectangle index,
+    flat pixel index row * res + column), each (F,)."""
     h, w = (r1 - r0 + 1).clamp(min=0), (c1 - c0 + 1).clamp(min=0)
     n = h * w  # (N,)
     rect = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)  # (F,)
-    local = torch.arange(len(rect), device=n.device) - (n.cumsum(0) - n)[rect]
+    local = torch.arange(len(rect), device=n.device) - (n.cumsum(0) - n)[rect]  # index within its rectangle
     wr = w[rect]
-    row = torch.div(local, wr, rounding_mode="floor")
-    return rect, r0[rect] + row, c0[rect] + local - row * wr
+    # row = local // w in float32: exact, as (local + 0.5) / w lies >= 0.5 / w from an integer
+    # (and int64 division is not vectorised)
+    row = ((local + 0.5) / wr).floor_().long()
+    return rect, (r0 * res + c0)[rect] + row * (res - wr) + local
 
 
 def _clevr_bounds(centre, radius, height, cam, shadow):
@@ -692,11 +695,10 @@ def _clevr_depth(scene, cam):
     for s, hit in enumerate(_HITS):
         objs = torch.nonzero(present & (shape == s))[:, 0]  # (n,) objects o = 6 b + k
         r0, r1, c0, c1 = _clevr_bounds(scene["pos"].reshape(-1, 2)[objs], par[3, objs], par[4, objs], cam, False)
-        rect, row, col = _rectangles(r0, r1, c0, c1)
-        obj, pix = objs[rect], row * cam.res + col  # (F,)
-        t = hit(par.index_select(1, obj), cam.table[:7].index_select(1, pix), cam.o[2].item())
-        key = (t.view(torch.int32).long() << _ID_BITS) | (obj % K + 1)
-        keys.scatter_reduce_(0, torch.div(obj, K, rounding_mode="floor") * P + pix, key, "amin")
+        rect, pix = _rectangles(r0, r1, c0, c1, cam.res)  # (F,) each
+        t = hit(par[:, objs].index_select(1, rect), cam.table[:7].index_select(1, pix), cam.o[2].item())
+        key = (t.view(torch.int32).long() << _ID_BITS) | (objs % K + 1)[rect]
+        keys.scatter_reduce_(0, (objs // K * P)[rect] + pix, key, "amin")
     return keys.reshape(B, P)
 
 
@@ -757,14 +759,14 @@ def _clevr_shadows(scene, cam, keys, mask):
     for s, test in enumerate(_SHADOWS):
         objs = torch.nonzero(present & (shape == s))[:, 0]
         r0, r1, c0, c1 = _clevr_bounds(scene["pos"].reshape(-1, 2)[objs], par[3, objs], par[4, objs], cam, True)
-        rect, row, col = _rectangles(r0, r1, c0, c1)
-        obj, pix = objs[rect], row * cam.res + col
-        at = torch.div(obj, K, rounding_mode="floor") * P + pix  # (F,) flat pixel
-        other = flat_mask[at] != obj % K + 1
-        obj, pix, at = obj[other], pix[other], at[other]
+        rect, pix = _rectangles(r0, r1, c0, c1, cam.res)
+        at = (objs // K * P)[rect] + pix  # (F,) flat pixel of the batch
+        seen = flat_mask[at]  # the id each pixel sees
+        other = seen != (objs % K + 1)[rect]
+        rect, pix, at, seen = rect[other], pix[other], at[other], seen[other]
         d = cam.table[:7].index_select(1, pix)  # (7, F)
-        t = torch.where(flat_mask[at] > 0, _depth_of(flat_keys[at]), d[6])
-        p = par.index_select(1, obj)
+        t = torch.where(seen > 0, _depth_of(flat_keys[at]), d[6])
+        p = par[:, objs].index_select(1, rect)
         x = [t * d[i] - p[i] for i in range(3)]  # the surface point relative to the object's centre
         shadow[at[test(p, torch.stack(x), cam.sun)]] = True
     return shadow
@@ -819,7 +821,9 @@ def _render_clevr_lite(seed, split, idx, cam):
 
     mask = keys & _ID_MASK  # (B, P); the ground's key _NO_HIT has id 0
     shadow = _clevr_shadows(scene, cam, keys, mask)  # (B*P,)
-    image = torch.where(shadow.reshape(B, 1, P), cam.floor_dark, cam.floor_lit)  # (B, 3, P)
+    image = cam.floor_lit.repeat(B, 1, 1)  # (B, 3, P)
+    dark = torch.nonzero((shadow & (mask.reshape(-1) == 0)).reshape(B, P))  # (S, 2) ground in shadow
+    image[dark[:, :1], :, dark[:, 1:]] = cam.floor_dark.T[dark[:, 1:]]
     at = torch.nonzero(mask.reshape(-1) > 0)[:, 0]  # (F,) object pixels
     b = torch.div(at, P, rounding_mode="floor")
     pix, obj = at - b * P, b * K + mask.reshape(-1)[at] - 1
@@ -885,8 +889,10 @@ class ClevrLiteDataset(torch.utils.data.Dataset):
             raise IndexError(f"{self.name}/{self.split}: index out of range for {self.size} items")
         idx = torch.where(idx < 0, idx + self.size, idx).to(self.device)
         cam = _clevr_camera(self.resolution, self.device)
+        if len(idx) <= _CLEVR_CHUNK:
+            return _render_clevr_lite(self.seed, self.split, idx, cam)
         parts = [_render_clevr_lite(self.seed, self.split, idx[i: i + _CLEVR_CHUNK], cam)
-                 for i in range(0, len(idx), _CLEVR_CHUNK)] or [_render_clevr_lite(self.seed, self.split, idx, cam)]
+                 for i in range(0, len(idx), _CLEVR_CHUNK)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
