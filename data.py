@@ -597,12 +597,12 @@ def _rectangles(r0, r1, c0, c1, res):
     h, w = (r1 - r0 + 1).clamp(min=0), (c1 - c0 + 1).clamp(min=0)
     n = h * w  # (N,)
     rect = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)  # (F,)
-    local = torch.arange(len(rect), device=n.device) - (n.cumsum(0) - n)[rect]  # index within its rectangle
-    wr = w[rect]
+    start, wr, base = torch.stack([n.cumsum(0) - n, w, r0 * res + c0]).index_select(1, rect)  # (F,) each
+    local = torch.arange(len(rect), device=n.device) - start  # index within its rectangle
     # row = local // w in float32: exact, as (local + 0.5) / w lies >= 0.5 / w from an integer
     # (and int64 division is not vectorised)
     row = ((local + 0.5) / wr).floor_().long()
-    return rect, (r0 * res + c0)[rect] + row * (res - wr) + local
+    return rect, base + row * (res - wr) + local
 
 
 def _clevr_bounds(centre, radius, height, cam, shadow):
@@ -697,8 +697,8 @@ def _clevr_depth(scene, cam):
         r0, r1, c0, c1 = _clevr_bounds(scene["pos"].reshape(-1, 2)[objs], par[3, objs], par[4, objs], cam, False)
         rect, pix = _rectangles(r0, r1, c0, c1, cam.res)  # (F,) each
         t = hit(par[:, objs].index_select(1, rect), cam.table[:7].index_select(1, pix), cam.o[2].item())
-        key = (t.view(torch.int32).long() << _ID_BITS) | (objs % K + 1)[rect]
-        keys.scatter_reduce_(0, (objs // K * P)[rect] + pix, key, "amin")
+        ids, at = torch.stack([objs % K + 1, objs // K * P]).index_select(1, rect)  # mask id, image offset
+        keys.scatter_reduce_(0, at + pix, (t.view(torch.int32).long() << _ID_BITS) | ids, "amin")
     return keys.reshape(B, P)
 
 
@@ -760,12 +760,13 @@ def _clevr_shadows(scene, cam, keys, mask):
         objs = torch.nonzero(present & (shape == s))[:, 0]
         r0, r1, c0, c1 = _clevr_bounds(scene["pos"].reshape(-1, 2)[objs], par[3, objs], par[4, objs], cam, True)
         rect, pix = _rectangles(r0, r1, c0, c1, cam.res)
-        at = (objs // K * P)[rect] + pix  # (F,) flat pixel of the batch
-        seen = flat_mask[at]  # the id each pixel sees
-        other = seen != (objs % K + 1)[rect]
-        rect, pix, at, seen = rect[other], pix[other], at[other], seen[other]
+        ids, at = torch.stack([objs % K + 1, objs // K * P]).index_select(1, rect)
+        at = at + pix  # (F,) flat pixel of the batch
+        seen = flat_mask.index_select(0, at)  # the id each pixel sees
+        keep = torch.nonzero(seen != ids)[:, 0]  # not the object's own surface
+        rect, pix, at, seen = torch.stack([rect, pix, at, seen]).index_select(1, keep)
         d = cam.table[:7].index_select(1, pix)  # (7, F)
-        t = torch.where(seen > 0, _depth_of(flat_keys[at]), d[6])
+        t = torch.where(seen > 0, _depth_of(flat_keys.index_select(0, at)), d[6])
         p = par[:, objs].index_select(1, rect)
         x = [t * d[i] - p[i] for i in range(3)]  # the surface point relative to the object's centre
         shadow[at[test(p, torch.stack(x), cam.sun)]] = True
@@ -826,15 +827,14 @@ def _render_clevr_lite(seed, split, idx, cam):
     image[dark[:, :1], :, dark[:, 1:]] = cam.floor_dark.T[dark[:, 1:]]
     at = torch.nonzero(mask.reshape(-1) > 0)[:, 0]  # (F,) object pixels
     b = torch.div(at, P, rounding_mode="floor")
-    pix, obj = at - b * P, b * K + mask.reshape(-1)[at] - 1
+    pix, obj = at - b * P, b * K + mask.reshape(-1).index_select(0, at) - 1
     d = cam.table.index_select(1, pix)  # (10, F)
-    x = cam.o[:, None] + _depth_of(keys.reshape(-1)[at]) * d[:3]  # (3, F) surface points
-    half = scene["half"].reshape(-1)[obj]
-    centre = torch.cat([scene["pos"].reshape(-1, 2)[obj].T, half[None]])  # (3, F)
-    normal = _clevr_normals(scene["shape"].reshape(-1)[obj], x - centre, half, scene["cos"].reshape(-1)[obj],
-                            scene["sin"].reshape(-1)[obj])
-    albedo = _CLEVR_COLOURS.to(dev)[scene["colour"].reshape(-1)[obj]].T  # (3, F)
-    rgb = _clevr_shade(x, normal, d[7:], albedo, scene["material"].reshape(-1)[obj] == 1, shadow[at])
+    x = cam.o[:, None] + _depth_of(keys.reshape(-1).index_select(0, at)) * d[:3]  # (3, F) surface points
+    per_object = torch.cat([scene["pos"].reshape(-1, 2).T, torch.stack([scene[k].reshape(-1).float() for k in (
+        "half", "cos", "sin", "shape", "material")]), _CLEVR_COLOURS.to(dev)[scene["colour"].reshape(-1)].T])  # (10, N)
+    cx, cy, half, cos, sin, shape, metal, *albedo = per_object.index_select(1, obj)  # (F,) each
+    normal = _clevr_normals(shape, x - torch.stack([cx, cy, half]), half, cos, sin)
+    rgb = _clevr_shade(x, normal, d[7:], torch.stack(albedo), metal == 1, shadow.index_select(0, at))
     image[b, :, pix] = rgb.T
 
     present = scene["present"]
