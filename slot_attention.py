@@ -92,6 +92,7 @@ DATA_DEFAULTS = {
     "shapes-colored": dict(resolution=64, num_slots=5, decoder="sprites", dec_channels=32),
     "shapes-binary": dict(resolution=64, num_slots=4, decoder="sprites", dec_channels=32),
     "tetrominoes": dict(resolution=35, num_slots=4, decoder="sprites", dec_channels=32),
+    "clevr-lite": dict(resolution=128, num_slots=7, decoder="clevr", dec_channels=64),  # CLEVR6's row, rendered at 128
     # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px.
     "clevr": dict(resolution=128, num_slots=7, decoder="clevr", dec_channels=64),  # CLEVR6
     "clevrtex": dict(resolution=128, num_slots=11, decoder="clevr", dec_channels=64),
