@@ -415,7 +415,7 @@ _CLEVR_LAMPS = (((6.44671, -2.90517, 4.2584), (1.0, 237 / 255, 208 / 255), 0.2),
                 ((-4.67112, -4.0136, 3.01122), (194 / 255, 208 / 255, 1.0), 0.08),
                 ((-1.1685, 2.64602, 5.81574), (1.0, 1.0, 1.0), 0.07))
 _CLEVR_AMBIENT, _CLEVR_SUN_I = 0.07, 0.25  # ambient and sun (directional, shadowed) intensity
-_CLEVR_FLOOR = 0.42  # ground albedo: lit, it reads 0.42 at the top of the view to 0.56 at the bottom, as in CLEVR
+_CLEVR_FLOOR = 0.42  # ground albedo: lit, it reads 0.38 (top row) to 0.54 (bottom); CLEVR's crops ~0.41 to ~0.55
 _CLEVR_SKY, _CLEVR_GROUND = 0.08, 0.3  # what a metal mirrors above and below the horizon (linear)
 _CLEVR_DRAWS = 5 + 2 * _CLEVR_TRIES  # per object slot: shape, size, colour, material, yaw, tries
 _CLEVR_CHUNK = 256  # images rendered together (keeps the working set in cache)
@@ -895,7 +895,6 @@ class ClevrLiteDataset(torch.utils.data.Dataset):
         parts = [_render_clevr_lite(self.seed, self.split, idx[i: i + _CLEVR_CHUNK], cam)
                  for i in range(0, len(idx), _CLEVR_CHUNK)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
 
 
 # --- Real datasets

@@ -3,13 +3,17 @@
     python scripts/bench_data.py                      # all sets, batch 256, 20 batches
     python scripts/bench_data.py --sets shapes --resolution 128
     python scripts/bench_data.py --sets clevr-lite --resolution 64 128 --threads 1   # one core
-    python scripts/bench_data.py --sets clevr-lite --resolution 128 --grid docs/clevr_lite_samples.png
+    python scripts/bench_data.py --sets clevr-lite --resolution 64 128 --grid docs/clevr_lite.png
+    python scripts/bench_data.py --redraws 4096      # how often clevr-lite re-draws a scene, and why
 
 Prints one line per set and resolution: name, resolution, images/s (the first
 batch, which pays for the loader's first shuffle and a set's one-off tables, is
 not timed). Measure on an otherwise idle machine (here: /work/tools/cpu --exclusive).
 With --grid PATH nothing is timed: PATH gets validation images 0-7 of each set,
 each above its mask (data.colorize), one pair of rows per set and resolution.
+With --redraws N nothing is timed: for clevr-lite training images 0..N-1 it prints, per draw,
+how many scenes were drawn and how many of them failed CLEVR's rules (an object found no
+place; an object shows too few pixels), as data._render_clevr_lite applies them.
 """
 import argparse
 import sys
@@ -37,6 +41,8 @@ def parse_args(argv=None):
                    help=f"torch intra-op threads (default: torch's choice, {torch.get_num_threads()} here)")
     p.add_argument("--grid", metavar="PATH", default=None,
                    help="write 8 validation images of each set above their masks to PATH (PNG) instead of timing")
+    p.add_argument("--redraws", type=int, metavar="N", default=None,
+                   help="count clevr-lite's re-drawn scenes over training images 0..N-1 instead of timing")
     return p.parse_args(argv)
 
 
@@ -76,13 +82,39 @@ def write_grid(path, sets, resolutions, gutter=2):
     tmp.replace(path)  # never a half-written picture
 
 
+def redraw_counts(n, resolution=None):
+    """[(draw, scenes drawn, failed placement, failed min. pixels)] for clevr-lite train 0..n-1."""
+    cam = data._clevr_camera(resolution or 64, torch.device("cpu"))
+    need = data._CLEVR_MIN_PIXELS * (cam.res / data._CLEVR_CROP[2]) ** 2
+    pending, rows = torch.arange(n), []
+    for attempt in range(data._CLEVR_ATTEMPTS):
+        if not len(pending):
+            break
+        u = data._uniforms(0, f"clevr-lite/{attempt}", "train", pending, 1 + 6 * data._CLEVR_DRAWS)
+        scene = data._clevr_scene(u, cam)
+        ids = data._clevr_depth(scene, cam) & data._ID_MASK  # (n, P) mask ids
+        shown = (ids[:, None] == torch.arange(1, 7)[:, None]).sum(-1)  # (n, 6) pixels per object
+        placed = scene["present"].sum(1) == 3 + (u[:, 0] * 4).long()
+        small = ((shown < need) & scene["present"]).any(1)
+        rows.append((attempt + 1, len(pending), int((~placed).sum()), int((placed & small).sum())))
+        pending = pending[~placed | small]
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.redraws is not None and args.redraws < 1:
+        sys.exit("error: --redraws needs at least one image")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         if args.grid:
             write_grid(args.grid, args.sets, args.resolution)
+            return
+        if args.redraws is not None:
+            for draw, drawn, unplaced, small in redraw_counts(args.redraws, args.resolution[0]):
+                print(f"draw {draw}: {drawn:6d} scenes, {unplaced:5d} with an object not placed, "
+                      f"{small:5d} (of the rest) with an object under CLEVR's pixel count", flush=True)
             return
         for name in args.sets:
             for resolution in args.resolution:

@@ -5,6 +5,7 @@ The reference here is an independent scalar ray caster: CLEVR's camera and sun w
 their published values, and textbook ray-solid intersections over every surface of each solid
 (both roots of the quadrics, both caps, three slabs), in float64 Python.
 """
+import importlib
 import math
 
 import pytest
@@ -207,6 +208,22 @@ def test_mask_is_first_hit_of_independent_ray_cast(res):
     assert checked > 1000 and occluding > 10  # occlusions were exercised
 
 
+def test_mask_equals_independent_ray_cast_at_every_pixel():
+    """At 20 px, the whole mask equals the independent ray cast pixel for pixel: the ids
+    partition the image into the ground and each object's visible surface, nothing else."""
+    res = 20
+    b = batch_of(6, split="val", resolution=res)
+    for i in range(6):
+        objs = objects(b, i)
+        expected = torch.zeros(res, res, dtype=torch.int64)
+        for r in range(res):
+            for c in range(res):
+                hits = cast(objs, *camera_ray(r, c, res))
+                expected[r, c] = hits[0][1] if hits else 0
+        assert torch.equal(b["mask"][i], expected), i
+        assert len(expected.unique()) > 2  # the ground and at least two objects were checked
+
+
 def project(p, res):
     """(row, col) of the pixel that sees world point p."""
     f = unit(tuple(-c for c in CAMERA))
@@ -326,3 +343,18 @@ def test_bad_requests_raise_data_error():
         data.make_synthetic("clevr-lite", "train", resolution=2)
     with pytest.raises(IndexError):
         data.make_synthetic("clevr-lite", "val", size=10)[10]
+
+
+@pytest.mark.parametrize("model", ["monet", "iodine", "slot_attention", "dinosaur", "vit_mae_ocl"])
+def test_models_take_clevr6_settings_for_clevr_lite(model):
+    """Each model file resolves --data clevr-lite through its own DATA_DEFAULTS row (not by
+    the substring "clevr"): CLEVR6's K = 7 (6 objects and the ground) and, but for DINOSAUR,
+    the 128 px of their CLEVR6 rows."""
+    mod = importlib.import_module(model)
+    assert "clevr-lite" in mod.DATA_DEFAULTS
+    args = mod.parse_args(["--data", "clevr-lite"])
+    assert args.num_slots == 7
+    if model != "dinosaur":  # DINOSAUR's input size is its ViT's (the preset), not the data's
+        assert args.resolution == 128
+    if model == "slot_attention":
+        assert args.decoder == "clevr"
