@@ -105,6 +105,7 @@ DATA_DEFAULTS = {
     "shapes-colored": COLORED,
     "shapes-binary": dict(SPRITES, num_slots=4),
     "tetrominoes": dict(SPRITES, resolution=35, num_slots=4),
+    "clevr-lite": dict(SPRITES, resolution=128, num_slots=7, decoder="clevr", dec_channels=64),  # CLEVR6's row
     # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px.
     "colored_on_colored": COLORED,  # multi_dsprites_colored_on_colored: the data of 2306.02577
     "clevr": dict(SPRITES, resolution=128, num_slots=7, decoder="clevr", dec_channels=64),  # CLEVR6
