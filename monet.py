@@ -6,55 +6,52 @@ Papers
   Learning", arXiv 2310.03273 (beta = 0, gamma = 0 and the "IR" loss).
 
 What is implemented
-  - Attention network (appendix B.2 of 1901.11390): a U-Net on [x, log s_{k-1}]; each block a bias-free conv 3x3,
-    InstanceNorm with learned scale and bias, ReLU, nearest 2x down/up-sampling (none in the last block of a path);
-    an MLP 128-128 at the bottleneck; a 1x1 conv to one logit a_k. Depth from the resolution: floor(log2(res)) - 1
-    blocks (5 at 64 px, 6 at 128, as the appendix).
-  - Stick-breaking recursion in log space (Sec. 2 of 1901.11390): log s_0 = 0,
-      log m_k = log s_{k-1} + logsigmoid(a_k),   log s_k = log s_{k-1} + logsigmoid(-a_k),
-    K-1 attention steps; the last slot takes the remaining scope, log m_K = log s_{K-1}. Slot 0, the first attention
-    step, is the background slot (it gets sigma_bg, as baudm and addtt). The recursion and every likelihood run in
-    fp32 under --dtype bf16/fp16 (only the networks' convolutions use the low precision).
+  - Attention network (appendix B.2 of 1901.11390): a U-Net on [x, log s_{k-1}], each block a bias-free conv 3x3,
+    InstanceNorm with learned scale and bias, ReLU, nearest 2x down/up-sampling (none in a path's last block); MLP
+    128-128 at the bottleneck; 1x1 conv to one logit a_k. floor(log2(res)) - 1 blocks (5 at 64 px, 6 at 128).
+  - Stick-breaking in log space (Sec. 2): log s_0 = 0, log m_k = log s_{k-1} + logsigmoid(a_k),
+    log s_k = log s_{k-1} + logsigmoid(-a_k); K-1 attention steps, the last slot takes the remaining scope
+    log s_{K-1}. Slot 0, the first step, is the background slot (sigma_bg, as baudm and addtt). The recursion and
+    every likelihood run in fp32 under --dtype bf16/fp16 (only the networks use the low precision).
   - Component VAE (appendix B.1), all K slots in one batched call: encoder on [x, log m_k], 4 x conv 3x3 stride 2
-    (32, 32, 64, 64), MLP 256 -> (mu, log-variance) of a 16-d latent; spatial broadcast decoder to (H+8) x (W+8) with
-    2 coordinate channels, 4 x unpadded conv 3x3 (32), 1x1 conv to RGB mean + mask logit. Its first layer never
-    convolves the tiled latent (broadcast_first_conv: an exact identity; --plain computes it the textbook way).
-  - Objective (eq. 3 of 1901.11390), each term logged separately, summed over pixels, slots and latent dimensions
-    and averaged over the batch; sigma_0 = --sigma-bg, sigma_{k>0} = --sigma-fg:
-      --loss nll:        -sum_pix log sum_k m_k N(x; mu_k, sigma_k^2)                         (term "nll", the paper)
-      --loss ir:          sum_pix sum_k m_k (-log N(x; mu_k, sigma_k^2))                      (term "ir")
-      --loss composite:  -sum_pix log N(x; sum_k m_k mu_k, sigma_fg^2)                        (term "composite")
-      + beta  * sum_k KL(q(z_k | x, m_k) || N(0, I))                                          (term "kl")
-      + gamma * KL(m || softmax_k(l)) = sum_k sum_pix m_k (log m_k - log_softmax_k(l)_k)       (term "mask_kl")
-    --beta 0 / --gamma 0 (the ablations of 2310.03273) skip the term: neither computed, logged nor differentiated.
-  - The IR loss: the exact equation of 2310.03273 is not public; losses.ir_loss is the mask-weighted per-component
-    negative log-likelihood, Gaussian normaliser included (it depends on the masks since sigma_bg != sigma_fg). By
-    Jensen it is an upper bound of the mixture NLL, equal for one-hot masks; it is linear in the masks, so its minimum
-    is the one-hot mask on each pixel's most likely component: the winner-take-all mechanism the paper credits for
-    the binarisation of MONet's masks.
-  - The composite control (ours): a Gaussian on the composite image sum_k m_k mu_k with the same KL and mask terms.
-    Masks and means enter only through their mixture, so nothing rewards one slot owning a pixel: no winner-take-all.
-    One sigma (--sigma-fg) for every pixel: a mask-weighted sigma would bring back a mask-dependent normaliser.
-  - Evaluation (test split at the end, val before): ARI (background included) and FG-ARI (background excluded, the
-    papers' score), mIoU, mBO of the attention masks, and dec_* of the decoded masks softmax_k(l). Mask entropy
-    (att_entropy / dec_entropy, mean per-pixel -sum_k m_k log m_k in nats) and the binarisation fraction
-    (att_binary / dec_binary, pixels with max_k m_k > 0.9) are this project's own diagnostics of what 2310.03273
-    describes in words; its reported numbers are ARI only. The mixture NLL, KL, mask KL and MSE are computed for
-    every variant so that runs with different losses compare.
+    (32, 32, 64, 64), MLP 256 -> mean and log-variance of a 16-d latent; spatial broadcast decoder to (H+8) x (W+8)
+    with 2 coordinate channels, 4 x unpadded conv 3x3 (32), 1x1 conv to RGB mean + mask logit.
+  - Objective (eq. 3), terms logged separately, summed over pixels, slots and latent dimensions, batch-averaged;
+    sigma_0 = --sigma-bg, sigma_{k>0} = --sigma-fg:
+      --loss nll:        -sum_pix log sum_k m_k N(x; mu_k, sigma_k^2)                 (term "nll", the paper)
+      --loss ir:          sum_pix sum_k m_k (-log N(x; mu_k, sigma_k^2))              (term "ir", 2310.03273)
+      --loss composite:  -sum_pix log N(x; sum_k m_k mu_k, sigma_fg^2)                (term "composite", ours)
+      + beta * sum_k KL(q(z_k | x, m_k) || N(0, I))                                   (term "kl")
+      + gamma * sum_k sum_pix m_k (log m_k - log_softmax_k(l)_k) = KL(m || softmax(l)) (term "mask_kl")
+    --beta 0 / --gamma 0 (the ablations of 2310.03273) skip the term: not computed, logged or differentiated.
+  - IR: the exact equation of 2310.03273 is not public. losses.ir_loss keeps the Gaussian normaliser, which
+    depends on the masks since sigma_bg != sigma_fg; by Jensen it bounds the mixture NLL from above, equal for
+    one-hot masks, and it is linear in the masks, so its minimum is the one-hot mask on each pixel's most likely
+    component: the winner-take-all mechanism the paper credits for the binarisation of MONet's masks.
+  - Composite (our control): masks and means enter only through the composite sum_k m_k mu_k, so nothing rewards
+    one slot owning a pixel. One sigma (--sigma-fg) everywhere: a mask-weighted one would bring back a
+    mask-dependent normaliser. Same KL and mask terms.
+  - Evaluation: ARI (background included) and FG-ARI (excluded: the papers' score; 2310.03273 reports ARI),
+    mIoU, mBO of the attention masks, dec_* of the decoded masks softmax_k(l). This project's own diagnostics
+    of what 2310.03273 describes in words: mask entropy att_/dec_entropy (mean per-pixel -sum_k m_k log m_k,
+    nats) and the binarisation fraction att_/dec_binary (pixels with max_k m_k > 0.9). NLL, KL, mask KL and MSE
+    are computed for every variant, so runs with different losses compare.
+  - Speed, exact identities with --plain for the textbook computation: the decoder's first layer never convolves
+    the tiled latent (broadcast_first_conv); the U-Net convolves up-sampled maps at low resolution
+    (conv3x3_of_upsampled); the decoder runs channels-last. docs/monet.md has the timings.
 
 Deviations and choices (each one stated so a reader can undo it)
-  - U-Net widths are not in the paper (its appendix says "a standard U-Net blueprint"): 64 channels doubling per
-    level, capped at 512 (baudm/MONet-pytorch models/networks.py Attention, ngf 64), e.g. 64 128 256 512 512 at
-    64 px. addtt/object-centric-library uses 32 32 64 64 64 (--unet-channels 32 32 64 64 64). Resolutions that are
-    not a power of two resize each up-sampled map to its skip connection's size (35 px: 35 -> 17 -> 8 -> 4).
-  - The mixture is over whole pixels: channels are independent given the slot and multiplied before the sum over
-    slots, as eq. 3 of the paper. baudm, addtt and clevrtex mix each channel separately (log-sum-exp per channel),
-    a different and larger NLL: do not compare NLLs across codebases.
-  - The posterior is parameterised by its log-variance; evaluation decodes the posterior mean. RGB means are not
-    squashed (addtt applies a sigmoid); images stay in [0, 1], the range of sigma_bg = 0.09 and sigma_fg = 0.11.
-  - Optimiser: --optimizer rmsprop-tf (paper preset), TF1's RMSProp as the paper's TensorFlow code ran it (decay 0.9,
-    epsilon 1e-10 inside the square root, mean square starting at 1); rmsprop (PyTorch's: alpha 0.99, eps 1e-8
-    outside the root, starting at 0, so its first step is ~10 * lr on every weight) and adam are options.
+  - U-Net widths: the appendix says "a standard U-Net blueprint" and gives none. 64 doubling per level, capped at
+    512 (baudm/MONet-pytorch models/networks.py Attention: 64 128 256 512 512 at 64 px); addtt/object-centric-
+    library uses 32 32 64 64 64 (--unet-channels 32 32 64 64 64). Sizes that are not a power of two resize each
+    up-sampled map to its skip's size (35 px: 35 -> 17 -> 8 -> 4).
+  - The mixture is over whole pixels (channels independent given the slot, multiplied before the sum over slots,
+    as eq. 3); baudm, addtt and clevrtex mix each channel separately: their NLLs are not comparable to ours.
+  - Log-variance posterior; evaluation decodes the posterior mean. RGB means are not squashed (addtt applies a
+    sigmoid); images stay in [0, 1], the range of sigma_bg 0.09 and sigma_fg 0.11.
+  - --optimizer rmsprop-tf (paper preset): TF1's RMSProp, as the paper's TensorFlow code ran it (decay 0.9,
+    epsilon 1e-10 inside the root, mean square from 1). rmsprop (PyTorch: alpha 0.99, eps outside the root, from
+    0: its first step is ~10 * lr on every weight) and adam are options.
   - The tiny preset (CPU) differs from the paper where a measurement chose it: docs/monet.md has the sweep.
 
 Commands
@@ -68,7 +65,7 @@ Commands
     python scripts/monet_ablation.py --data shapes --preset paper --steps 100000 --seeds 0 1 2 --device cuda
   ObjectsRoom from the DeepMind HDF5 file (64 px, K=7):
     python monet.py --data /data/objects_room_train.h5
-  CPU, tiny preset (Tetrominoes at 35 px, K=4; docs/monet.md has its time and scores):
+  CPU, tiny preset (Tetrominoes at 35 px, K=4; time and scores in docs/monet.md):
     python monet.py --preset tiny
   Several GPUs (or CPU processes with gloo):
     torchrun --nproc_per_node=4 monet.py --data shapes
@@ -107,7 +104,7 @@ PRESETS = {
     "tiny": dict(batch_size=16, steps=3_000, lr=3e-4, warmup_steps=0, grad_clip=0.0, unet_channels=[16],
                  mlp_hidden=64, enc_channels=16, enc_hidden=64, dec_channels=16, latent_dim=16,
                  optimizer="rmsprop", gamma_warmup=0,
-                 log_every=50, eval_every=250, eval_size=64, save_every=250),
+                 log_every=50, eval_every=250, eval_size=256, save_every=250),
 }
 TINY_RESOLUTION = 32  # tiny preset on data other than Tetrominoes
 # Per-data defaults: resolution and K (one slot more than the most entities an image holds; 7 as the
@@ -208,10 +205,8 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.unet_blocks is None:
         args.unet_blocks = unet_blocks_for(args.resolution)
-    if args.unet_channels is None:
-        args.unet_channels = unet_widths(args.unet_blocks)
-    if len(args.unet_channels) == 1:
-        args.unet_channels = args.unet_channels * args.unet_blocks
+    widths = args.unet_channels or unet_widths(args.unet_blocks)
+    args.unet_channels = widths * args.unet_blocks if len(widths) == 1 else widths
     if len(args.unet_channels) != args.unet_blocks:
         p.error(f"--unet-channels has {len(args.unet_channels)} values for {args.unet_blocks} U-Net blocks; "
                 f"give one value or {args.unet_blocks}")
