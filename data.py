@@ -9,10 +9,14 @@ A batch is a dict of tensors (see DESIGN.md):
   id e, background entities included): visible bool (B, E), shape int64 (B, E),
   color float32 (B, E, 3), scale / x / y float32 (B, E).
 
-Every dataset has `name`, `num_background`, `max_objects`, and implements
-`__getitems__(indices)`, returning a whole batch as one dict, so a DataLoader
-built by `make_loader` fetches a batch with one vectorised call.
+Every dataset has `name`, `num_background`, `max_objects`, and three ways in:
+  get_batch(indices)   one batch dict for a list of indices, in one vectorised call
+  __getitem__(i)       one sample (the batch of one, squeezed): image (3, H, W), mask (H, W), ...
+  __getitems__(indices) a list of samples cut from one get_batch call (PyTorch's batched fetch)
+so `torch.utils.data.DataLoader(dataset, batch_size=8)` works with the default
+collate, and `make_loader` fetches each batch with one `get_batch` call.
 """
+import importlib
 import json
 import math
 import os
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 SPLITS = ("train", "val", "test")
 
@@ -32,9 +36,16 @@ class DataError(Exception):
     message as one line and exits non-zero, without a traceback."""
 
 
-def _collate_batch(batch):
-    """`__getitems__` already returns a batched dict: pass it through."""
-    return batch
+def _sample(self, i):
+    """Sample i of a dataset with `get_batch`: the batch of one, squeezed."""
+    return {k: v[0] for k, v in self.get_batch([i]).items()}
+
+
+def _samples(self, indices):
+    """PyTorch's batched fetch (`__getitems__`): the samples of one `get_batch` call, as a
+    list that the default collate stacks back, so a plain DataLoader is vectorised too."""
+    batch = self.get_batch(indices)
+    return [{k: v[j] for k, v in batch.items()} for j in range(len(indices))]
 
 
 # --- Synthetic sets
@@ -286,7 +297,7 @@ def _render_tetrominoes(u, res):
 class SyntheticDataset(torch.utils.data.Dataset):
     """A built-in synthetic set (see BUILTIN); images are generated on the fly.
 
-    Item i is a pure function of (seed, split, i). `__getitems__(indices)` draws a
+    Item i is a pure function of (seed, split, i). `get_batch(indices)` draws a
     whole batch in one vectorised call and returns one dict:
       image float32 (B, 3, H, W) in [0, 1]; mask int64 (B, H, W), 0 = background,
       object j (drawing order) = j + 1; per entity e in 0..max_objects, aligned with
@@ -307,11 +318,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.size
 
-    def __getitem__(self, i):
-        """One unbatched item (the batch of one, squeezed)."""
-        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+    __getitem__, __getitems__ = _sample, _samples  # one sample; a list of samples (plain DataLoader)
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         """A batch for a list of indices (negative indices count from the end)."""
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         if len(idx) and (idx.min() < -self.size or idx.max() >= self.size):
@@ -396,27 +405,29 @@ def _images_to_float(images):
     return x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
 
 
-def _resize_images(x, height, width, mode="bilinear"):
-    """float (B, 3, h, w) -> (B, 3, height, width), antialiased, clamped to [0, 1]
-    (bicubic overshoots)."""
+def _resize_images(x, height, width, mode="bilinear", antialias=True):
+    """float (B, 3, h, w) -> (B, 3, height, width), clamped to [0, 1] (bicubic overshoots)."""
     if x.shape[-2:] == (height, width):
         return x
-    x = F.interpolate(x, size=(height, width), mode=mode, align_corners=False, antialias=True)
+    x = F.interpolate(x, size=(height, width), mode=mode, align_corners=False, antialias=antialias)
     return x.clamp_(0.0, 1.0)
 
 
-def _resize_masks(mask, height, width):
-    """Nearest-neighbour resize of an integer map (B, h, w) -> (B, height, width).
+def _nearest_index(n_in, n_out):
+    """int64 (n_out,): the input pixel each output pixel copies in PyTorch's "nearest-exact"
+    resize, floor((i + 0.5) * n_in / n_out) with PyTorch's float32 scale (pixel centres;
+    the operation of OCLF's ResizeNearestExact), read off by resizing a ramp."""
+    ramp = torch.arange(n_in, dtype=torch.float32).view(1, 1, n_in)
+    return F.interpolate(ramp, size=n_out, mode="nearest-exact")[0, 0].long()
 
-    Output pixel i samples input row floor((i + 0.5) * h / height) (pixel centres),
-    by index gathering, so ids stay exact integers.
-    """
+
+def _resize_masks(mask, height, width):
+    """Nearest-exact resize of an integer map (B, h, w) -> (B, height, width), by index
+    gathering, so ids stay exact integers."""
     h, w = mask.shape[-2:]
     if (h, w) == (height, width):
         return mask
-    rows = ((torch.arange(height) + 0.5) * h / height).long().clamp_(max=h - 1)
-    cols = ((torch.arange(width) + 0.5) * w / width).long().clamp_(max=w - 1)
-    return mask[:, rows][:, :, cols]
+    return mask[:, _nearest_index(h, height)][:, :, _nearest_index(w, width)]
 
 
 def _centre_square(h, w):
@@ -452,10 +463,6 @@ def _index_split(path, n, split, val_size, test_size):
     bounds = {"train": (0, n - val - test), "val": (n - val - test, n - test), "test": (n - test, n)}
     lo, hi = bounds[split]
     return np.arange(lo, hi)
-
-
-def _unbatch(batch):
-    return {k: v[0] for k, v in batch.items()}
 
 
 def _finish_batch(images, mask, size, props=None):
@@ -522,10 +529,9 @@ class NpzDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
-        return _unbatch(self.__getitems__([i]))
+    __getitem__, __getitems__ = _sample, _samples
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         t, l, s = self.crop
         idx = np.asarray(indices)
         images = _images_to_float(self.images[idx, t:t + s, l:l + s])
@@ -543,12 +549,17 @@ _H5_PROPERTY_KEYS = {"visibility": "visible", "shape": "shape", "color": "color"
 _SCAN_CHUNK = 256  # images per chunk when counting objects from masks at open time
 
 
-def _import_h5py(path):
+def _optional_import(module, path):
+    """An optional dependency, imported when a file needs it (h5py, pycocotools.mask)."""
     try:
-        import h5py
+        return importlib.import_module(module)
     except ImportError:
-        raise DataError(f"reading {path} needs h5py: pip install -r requirements-extra.txt") from None
-    return h5py
+        raise DataError(f"reading {path} needs {module.split('.')[0]}: pip install -r "
+                        f"requirements-extra.txt") from None
+
+
+def _import_h5py(path):
+    return _optional_import("h5py", path)
 
 
 def _read_rows(dataset, idx, *slices):
@@ -707,10 +718,9 @@ class H5Dataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
-    def __getitem__(self, i):
-        return _unbatch(self.__getitems__([i]))
+    __getitem__, __getitems__ = _sample, _samples
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         f = self._h5()
         idx = self.indices[np.asarray(indices)]
         t, l, s = self.crop
@@ -784,10 +794,9 @@ class ClevrTexDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
-        return _unbatch(self.__getitems__([i]))
+    __getitem__, __getitems__ = _sample, _samples
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         images, masks = [], []
         for i in indices:
             file = self.files[i]
@@ -805,63 +814,91 @@ class ClevrTexDataset(torch.utils.data.Dataset):
         return _finish_batch(images, mask, self.resolution)
 
 
-def rle_decode(counts, height, width):
-    """A COCO run-length encoding -> bool mask (height, width).
+def _short_side_crop(h, w, size):
+    """torchvision 0.15's Resize(size) + CenterCrop(size) geometry for an h x w image (OCLF's
+    COCO pipeline): the short side becomes `size`, the long side int(size * long / short)
+    (truncated), and the crop starts at int(round((new - size) / 2)) (Python's round, halves
+    to even). Returns (new_h, new_w, top, left)."""
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    return nh, nw, int(round((nh - size) / 2)), int(round((nw - size) / 2))
 
-    counts: the uncompressed list of run lengths, or the compressed string. Runs
-    alternate 0, 1, 0, ... starting with zeros, over pixels in column-major
-    (Fortran) order. The string packs each count in 5-bit groups, least
-    significant first, as characters chr(48 + g), bit 0x20 = "more groups
-    follow", bit 0x10 of the last group = sign; from the third count on, a
-    count is stored as the difference to the count two before it.
+
+def coco_masks(segmentations, height, width, path="COCO annotations"):
+    """bool (n, height, width): the masks of n COCO segmentations, decoded by pycocotools
+    exactly as its `COCO.annToMask` does: polygons -> `frPyObjects` + `merge` (the parts
+    of one object into one RLE), an uncompressed RLE (counts a list) -> `frPyObjects`,
+    a compressed RLE (counts a string) as it is, all -> `mask.decode`.
+
+    Raises ValueError for an RLE whose size is not (height, width) or whose runs do not
+    cover height * width pixels (pycocotools would leave the rest of the mask
+    uninitialised), and for what pycocotools refuses. A compressed RLE is checked by
+    encoding its decoded mask again: pycocotools' strings are canonical.
     """
-    if isinstance(counts, (bytes, str)):
-        s = counts.decode("ascii") if isinstance(counts, bytes) else counts
-        runs, p = [], 0
-        while p < len(s):
-            x, k, more = 0, 0, True
-            while more:
-                c = ord(s[p]) - 48
-                x |= (c & 0x1F) << (5 * k)
-                more = bool(c & 0x20)
-                p, k = p + 1, k + 1
-                if not more and c & 0x10:
-                    x |= -1 << (5 * k)  # sign-extend
-            if len(runs) > 2:
-                x += runs[-2]
-            runs.append(x)
-        counts = runs
-    runs = np.asarray(counts, dtype=np.int64)
-    if runs.ndim != 1 or (runs < 0).any() or runs.sum() != height * width:
-        raise ValueError(f"run lengths sum to {runs.sum()}, expected {height * width}")
-    values = np.arange(len(runs)) % 2 == 1  # runs alternate background, foreground
-    return np.repeat(values, runs).reshape(width, height).T  # column-major -> (H, W)
-
-
-def _polygon_mask(polygons, height, width):
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    for poly in polygons:
-        if len(poly) >= 6:  # at least three (x, y) points
-            draw.polygon([float(v) for v in poly], fill=1, outline=1)
-    return np.asarray(canvas, dtype=bool)
+    mask_api = _optional_import("pycocotools.mask", path)
+    rles, compressed = [], []
+    for seg in segmentations:
+        if isinstance(seg, dict):
+            if list(seg["size"]) != [height, width]:
+                raise ValueError(f"RLE size {seg['size']} != image size {[height, width]}")
+            if isinstance(seg["counts"], list):
+                if sum(seg["counts"]) != height * width or min(seg["counts"], default=0) < 0:
+                    raise ValueError(f"RLE runs cover {sum(seg['counts'])} pixels, expected {height * width}")
+                seg = mask_api.frPyObjects(seg, height, width)
+            else:
+                compressed.append(len(rles))
+        else:
+            seg = mask_api.merge(mask_api.frPyObjects(seg, height, width))
+        rles.append(seg)
+    if not rles:
+        return np.zeros((0, height, width), bool)
+    masks = mask_api.decode(rles)  # (h, w, n) uint8, column-major
+    for k in compressed:
+        counts = rles[k]["counts"]
+        again = mask_api.encode(np.asfortranarray(masks[:, :, k]))["counts"]
+        if masks[:, :, k].max(initial=0) > 1 or again != (counts.encode() if isinstance(counts, str) else counts):
+            raise ValueError("compressed RLE counts do not decode to one mask of the image's size")
+    return masks.transpose(2, 0, 1).astype(bool)  # (n, h, w)
 
 
 class CocoDataset(torch.utils.data.Dataset):
     """COCO 2017 instances: `annotations/instances_{train,val}2017.json` and
     `{train,val}2017/*.jpg`. train -> train2017; val and test both -> val2017
-    (COCO's test set has no public masks). Every image listed in the JSON is
-    used, in id order. Mask: instances get ids 1..n in annotation order, 0 =
-    unlabelled background, -1 = crowd regions and pixels of two or more
-    instances. Image: short side resized to `resolution` (default 224; bicubic),
-    centre crop; mask resized nearest to match.
+    (COCO's test set has no public masks). Every image listed in the JSON is used,
+    in id order; images without annotations too (all background).
+
+    The evaluation protocol of DINOSAUR (OCLF `metrics_coco_ccrop` on `coco_nocrowd`):
+      data.make_dataset(path, "val", resolution=224, mask_resolution=320)
+    A batch then holds, for B images and E = max_objects + 1 entities:
+      image       float32 (B, 3, R, R) in [0, 1], R = resolution (default 224): short
+                  side resized to R bicubic WITHOUT antialiasing (torchvision 0.15 on a
+                  tensor, as OCLF's Resize(224, BICUBIC)), clamped to [0, 1], centre crop
+                  R x R. ImageNet normalisation is the model's job.
+      mask        int64 (B, M, M), M = mask_resolution (default: R): instance ids at the
+                  native size, short side resized to M nearest-exact (OCLF's
+                  ResizeNearestExact), centre crop M x M. 0 = background, 1..n = the
+                  image's non-crowd annotations in file order, -1 = pixels of two or more
+                  instances (OCLF's ignore_overlaps). Crowd annotations (iscrowd=1) are
+                  dropped entirely, as in OCLF's coco_nocrowd and
+                  martius-lab/videosaur data/save_coco.py (`getAnnIds(iscrowd=False)`):
+                  a crowd region is background unless an instance covers it.
+      category    int64 (B, E): category[b, j] = COCO category_id of instance j; 0 for
+                  j = 0 (background) and for j > n (no such instance).
+      class_mask  int64 (B, M, M): the COCO category id per pixel, 0 = background; where
+                  instances overlap, the highest category id (OCLF's
+                  AddSegmentationMaskFromInstanceMask), so never -1. The target of the
+                  class-level best overlap mBO^c; equal to category[mask] off overlaps.
+    Masks are decoded by pycocotools (see `coco_masks`), the decoder of every published
+    COCO number.
     """
 
-    def __init__(self, path, split, resolution=None):
+    def __init__(self, path, split, resolution=None, mask_resolution=None):
         part = "train2017" if split == "train" else "val2017"
         file = path / "annotations" / f"instances_{part}.json"
         if not file.is_file():
             raise DataError(f"{file}: missing; expected COCO 2017 instances annotations")
+        if mask_resolution is not None and not (isinstance(mask_resolution, int) and mask_resolution >= 1):
+            raise DataError(f"{path}: mask_resolution={mask_resolution!r}; expected a side in pixels >= 1")
+        _optional_import("pycocotools.mask", file)  # fail at open time, not at the first batch
         try:
             with open(file) as fh:
                 coco = json.load(fh)
@@ -869,67 +906,71 @@ class CocoDataset(torch.utils.data.Dataset):
                       for im in coco["images"]}
             anns = {i: [] for i in images}
             for a in coco["annotations"]:
-                anns[int(a["image_id"])].append((a["segmentation"], bool(a.get("iscrowd", 0))))
+                if not a.get("iscrowd", 0):  # coco_nocrowd: crowd annotations are dropped
+                    anns[int(a["image_id"])].append((a["segmentation"], int(a["category_id"])))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{file}: not a COCO instances file ({type(e).__name__}: {e}); expected "
                             f"'images' with id/file_name/height/width and 'annotations' with "
-                            f"image_id/segmentation") from None
+                            f"image_id/category_id/segmentation") from None
         self.folder, self.file = path / part, file
         self.items = [(images[i][0], images[i][1], images[i][2], anns[i]) for i in sorted(images)]
         if not self.items:
             raise DataError(f"{file}: lists no images; expected a COCO instances file with images")
-        self.max_objects = max(sum(not crowd for _, crowd in a) for *_, a in self.items)
-        self.name, self.num_background, self.has_masks, self.properties = "coco", 1, True, ()
+        self.max_objects = max(len(a) for *_, a in self.items)
+        self.name, self.num_background, self.has_masks, self.properties = "coco", 1, True, ("category",)
+        # DINOSAUR: OCLF _preprocessing_coco_dino_feature_recon_ccrop.yaml Resize(224) + CenterCrop(224)
         self.resolution = resolution or 224
+        self.mask_resolution = mask_resolution or self.resolution
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
-        return _unbatch(self.__getitems__([i]))
+    __getitem__, __getitems__ = _sample, _samples
 
-    def _mask(self, name, h, w, anns):
-        """int64 (h, w) at native size: ids 1..n, 0 background, -1 crowd/overlap."""
-        inst, crowd = [np.zeros((h, w), bool)], np.zeros((h, w), bool)
-        for seg, is_crowd in anns:
-            try:
-                if isinstance(seg, dict):
-                    rh, rw = seg["size"]
-                    if (rh, rw) != (h, w):
-                        raise ValueError(f"RLE size {seg['size']} != image size {[h, w]}")
-                    m = rle_decode(seg["counts"], h, w)
-                else:
-                    m = _polygon_mask(seg, h, w)
-            except (ValueError, KeyError, TypeError, IndexError) as e:
-                raise DataError(f"{self.file}: bad segmentation for {name} ({e}); expected "
-                                f"polygons or an RLE with counts and size") from None
-            if is_crowd:
-                crowd |= m
-            else:
-                inst.append(m)
-        inst = np.stack(inst)  # (1 + n, h, w); slot 0 is an all-False placeholder
-        count = inst.sum(0)
-        ids = inst.argmax(0)  # the single instance where count == 1
-        mask = np.where(count == 1, ids, 0)
-        mask[(count > 1) | crowd] = -1
-        return mask
+    def _masks(self, name, h, w, anns):
+        """int64 (2, m, m), m = mask_resolution: instance ids (-1 on overlaps) and class ids.
 
-    def __getitems__(self, indices):
+        Each instance mask is decoded at the native size, then sampled nearest-exact and
+        cropped (the pixels OCLF's ResizeNearestExact + CenterCrop keep) before the ids
+        are assigned, so the per-pixel work is at the output size."""
+        try:
+            inst = coco_masks([seg for seg, _ in anns], h, w, self.file)  # (n, h, w)
+        except Exception as e:  # pycocotools raises bare Exception for unknown formats
+            raise DataError(f"{self.file}: bad segmentation for {name} ({type(e).__name__}: {e}); "
+                            f"expected polygons or an RLE with counts and size") from None
+        m = self.mask_resolution
+        nh, nw, t, l = _short_side_crop(h, w, m)
+        rows, cols = _nearest_index(h, nh)[t:t + m].numpy(), _nearest_index(w, nw)[l:l + m].numpy()
+        inst = inst[:, rows][:, :, cols]  # (n, m, m)
+        covered = np.concatenate([np.zeros((1, m, m), bool), inst])  # (1 + n, m, m); layer 0: nothing
+        count = inst.sum(0)  # (m, m) instances covering each pixel
+        ids = np.where(count == 1, covered.argmax(0), 0)  # the one instance where count == 1
+        ids[count > 1] = -1
+        # The highest category covering a pixel: the first layer set, with the layers sorted
+        # highest category first (argmax finds it without an (n, m, m) int array).
+        cats = np.array([0] + [c for _, c in anns], dtype=np.int64)  # (1 + n,)
+        order = np.argsort(cats, kind="stable")[::-1]
+        classes = np.where(count > 0, cats[order][covered[order].argmax(0)], 0)  # (m, m)
+        return torch.from_numpy(np.stack([ids, classes]))  # (2, m, m)
+
+    def get_batch(self, indices):
         r = self.resolution
         images, masks = [], []
-        for i in indices:
+        category = torch.zeros(len(indices), self.max_objects + 1, dtype=torch.int64)
+        for b, i in enumerate(indices):
             name, h, w, anns = self.items[i]
             image = _open_image(self.folder / name)
             if image.shape[:2] != (h, w):
                 raise DataError(f"{self.folder / name}: size {image.shape[:2]} differs from the "
                                 f"annotation's {(h, w)}")
-            nh, nw = (r, max(r, round(w * r / h))) if h <= w else (max(r, round(h * r / w)), r)
-            t, l = (nh - r) // 2, (nw - r) // 2
-            x = _resize_images(_images_to_float(image[None]), nh, nw, mode="bicubic")
+            nh, nw, t, l = _short_side_crop(h, w, r)
+            x = _resize_images(_images_to_float(image[None]), nh, nw, mode="bicubic", antialias=False)
             images.append(x[0, :, t:t + r, l:l + r])
-            m = _resize_masks(torch.from_numpy(self._mask(name, h, w, anns))[None], nh, nw)
-            masks.append(m[0, t:t + r, l:l + r])
-        return {"image": torch.stack(images).contiguous(), "mask": torch.stack(masks).long()}
+            masks.append(self._masks(name, h, w, anns))
+            category[b, 1:len(anns) + 1] = torch.tensor([c for _, c in anns], dtype=torch.int64)
+        masks = torch.stack(masks)  # (B, 2, m, m)
+        return {"image": torch.stack(images).contiguous(), "mask": masks[:, 0].contiguous(),
+                "category": category, "class_mask": masks[:, 1].contiguous()}
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -951,10 +992,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
-        return _unbatch(self.__getitems__([i]))
+    __getitem__, __getitems__ = _sample, _samples
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         r, images = self.resolution, []
         for i in indices:
             image = _open_image(self.files[i])
@@ -970,7 +1010,7 @@ def open_real(path, split, resolution=None, **options):
     - `X.npz` file, or a folder with train.npz/val.npz/test.npz: NpzDataset
       (options val_size, test_size for a single file)
     - `X.h5` / `X.hdf5`: H5Dataset (options variant, max_objects, val_size, test_size)
-    - a folder holding annotations/instances_*2017.json: CocoDataset
+    - a folder holding annotations/instances_*2017.json: CocoDataset (option mask_resolution)
     - a `clevrtex_<variant>` folder, or one holding such folders: ClevrTexDataset (option variant)
     - any other folder: ImageFolderDataset (images without labels)
     Anything else raises DataError.
@@ -997,8 +1037,8 @@ def open_real(path, split, resolution=None, **options):
             raise DataError(f"{file}: missing; expected one .npz per split in {path}")
         return NpzDataset(path, split, resolution, file=file)
     if any((path / "annotations").glob("instances_*2017.json")):
-        _check_options(path, options, ())
-        return CocoDataset(path, split, resolution)
+        _check_options(path, options, ("mask_resolution",))
+        return CocoDataset(path, split, resolution, **options)
     if path.name.lower().startswith("clevrtex_") or any(path.glob("clevrtex_*")):
         _check_options(path, options, ("variant",))
         return ClevrTexDataset(path, split, resolution, **options)
@@ -1077,19 +1117,47 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return math.ceil(len(range(self.rank, self.n, self.world)) / self.batch_size)
 
 
+def fetch_batch(dataset, indices):
+    """One batch dict for a list of indices: `dataset.get_batch(indices)`, looked up through
+    any `torch.utils.data.Subset` wrappers; a dataset without `get_batch` gets its samples
+    stacked by the default collate."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(indices)
+    return torch.utils.data.default_collate([dataset[i] for i in indices])
+
+
+class _Batches(torch.utils.data.Dataset):
+    """make_loader's view of a dataset: the item at a list of indices is the whole batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices):
+        return fetch_batch(self.dataset, indices)
+
+
+def _as_is(batch):
+    return batch
+
+
 def make_loader(dataset, batch_size, shuffle, seed=0, workers=0, distributed=False, start_step=0):
     """A DataLoader of batched dicts, deterministic given `seed`.
 
     shuffle=True gives an endless training stream starting at `start_step`
     (for exact resumption); shuffle=False one ordered evaluation pass.
     distributed=True shards the indices across the torch.distributed ranks.
+    Each batch is one `fetch_batch` call (one vectorised `get_batch`): the sampler
+    yields whole index lists and automatic batching is off (batch_size=None).
     """
     rank, world = 0, 1
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     sampler = StepBatchSampler(len(dataset), batch_size, shuffle, seed, rank, world, start_step)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=_collate_batch, num_workers=workers,
+        _Batches(dataset), sampler=sampler, batch_size=None, collate_fn=_as_is, num_workers=workers,
         persistent_workers=workers > 0,
         # pinning only helps host tensors; a dataset generated on the GPU is already there
         pin_memory=torch.cuda.is_available() and getattr(dataset, "device", torch.device("cpu")).type == "cpu",

@@ -66,7 +66,9 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,14 +121,18 @@ DATA_DEFAULTS = {
     "tetromino": _TETRIS,
     "other": {**_SPRITES, "num_slots": 7},
 }
-# Flags that define the network: --eval-only and --resume take them from the checkpoint.
-ARCH_KEYS = ("resolution", "patch_size", "num_slots", "enc_dim", "enc_depth", "enc_heads", "dec_dim",
-             "dec_depth", "dec_heads", "mlp_ratio", "eps", "data")
+# Flags that shape the weights: --resume and --eval-only take them from the checkpoint and refuse other values.
+ARCH_KEYS = ("resolution", "patch_size", "num_slots", "enc_dim", "enc_depth", "enc_heads", "dec_dim", "dec_depth",
+             "dec_heads", "mlp_ratio")
+# What the papers vary at test time (free under --eval-only), recorded in eval.json.
+TEST_KEYS = ("data", "eval_size")
+# Flags of this invocation only, never taken from a checkpoint.
+RUNTIME_KEYS = ("resume", "eval_only", "device", "workers", "compile", "out_dir", "run_name", "given")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Object-centric masked-autoencoder ViT (Vikstrom & Ilin 2022).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a("--preset", choices=["paper", "tiny"], default="paper",
       help="paper: the paper's configuration for --data; tiny: a CPU-sized model. Explicit flags override.")
@@ -172,9 +178,14 @@ def parse_args(argv=None):
     a("--eval-every", type=int, default=None, help="steps between evaluations (0: only at the end)")
     a("--eval-size", type=int, default=None, help="held-out images per evaluation")
     a("--save-every", type=int, default=None, help="steps between checkpoints")
-    a("--resume", default=None, help="checkpoint to continue from (its run folder is reused)")
+    a("--resume", default=None, metavar="CKPT|auto", help="continue a run from its checkpoint (its folder is reused; "
+      "flags given here override the checkpoint's); auto: this run folder's checkpoint if there is one, else start")
     a("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint, write eval.json, exit")
     args = p.parse_args(argv)
+    # the flags this command line gives: under --resume / --eval-only they override the checkpoint's
+    args.given = sorted({t[2:].split("=")[0].replace("-", "_") for t in (sys.argv[1:] if argv is None else argv)
+                         if t.startswith("--")})
+
 
     if args.data is None:
         args.data = "tetrominoes" if args.preset == "tiny" else "shapes"
@@ -394,6 +405,8 @@ def compute_loss(out, image, args, step):
 
 # --- Training
 
+EXIT_PREEMPTED = 3  # exit status of a run stopped by a signal after writing its checkpoint (requeue it)
+
 
 def lr_at(step, args):
     """Linear warm-up from min_lr to lr, half-cycle cosine back to min_lr, then constant min_lr for
@@ -441,13 +454,116 @@ def load_checkpoint(path):
         raise data.DataError(f"{path}: not a weights-only checkpoint ({type(e).__name__}); refusing to load it")
 
 
-def save_checkpoint(path, model, opt, scaler, step, args):
+def save_checkpoint(path, model, opt, scaler, step, args, rng):
+    """Atomically (temporary file, then rename): a crash or a kill never leaves a half-written checkpoint."""
     state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                 step=step, args=vars(args), rng_torch=torch.get_rng_state(),
-                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                 step=step, args=vars(args), **rng)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+
+
+def rng_states(device, world, group):
+    """Every rank's torch RNG states as (world, n) uint8 tensors: a resumed run continues each rank's stream."""
+    states = {"rng_torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng_cuda"] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return {k: v[None] for k, v in states.items()}
+    for k, mine in states.items():
+        every = [torch.empty_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(every, mine, group=group)
+        states[k] = torch.stack(every)
+    return states
+
+
+def open_run(args, name):
+    """(run folder, checkpoint or None) for --eval-only CKPT, --resume CKPT, --resume auto or a fresh run."""
+    if args.eval_only or args.resume not in (None, "auto"):
+        path = Path(args.eval_only or args.resume)
+        return path.parent, load_checkpoint(path)
+    run_dir = Path(args.out_dir) / (args.run_name or name)
+    if not (run_dir / "checkpoint.pt").exists():
+        return run_dir, None  # --resume auto with nothing to resume starts fresh: a requeued job reruns as is
+    if args.resume != "auto":
+        raise data.DataError(f"{run_dir} already holds a run; pass --resume auto to continue it, or another --run-name")
+    return run_dir, load_checkpoint(run_dir / "checkpoint.pt")
+
+
+def checkpoint_args(args, saved):
+    """--resume and --eval-only continue the checkpoint's configuration. A flag given on this command line
+    overrides it (what the papers vary at test time: --data, --num-slots, --iters, --eval-size; or --steps to
+    extend a run), except a flag that shapes the weights (ARCH_KEYS): the checkpoint's value wins."""
+    for k, v in saved.items():
+        if k in RUNTIME_KEYS or not hasattr(args, k) or (k in args.given and k not in ARCH_KEYS):
+            continue
+        if k in args.given and getattr(args, k) != v:
+            print(f"note: --{k.replace('_', '-')} {getattr(args, k)} ignored: the checkpoint's weights need {v}")
+        setattr(args, k, v)
+
+
+def start_log(run_dir, step):
+    """metrics.jsonl opened for appending, holding exactly the lines up to `step` (the checkpoint's; 0 for a
+    fresh run): a killed run may have logged past its last checkpoint, and a hard kill can tear the last line.
+    Sample grids and eval.json from beyond `step` go too, so a resumed run holds every step once."""
+    path, kept = run_dir / "metrics.jsonl", []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except (ValueError, KeyError, TypeError):  # a torn line: what follows is newer than the checkpoint
+            break
+        kept.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    for grid in (run_dir / "samples").glob("step_*.png"):
+        if int(grid.stem[len("step_"):]) > step:
+            grid.unlink()
+    final = run_dir / "eval.json"
+    try:
+        stale = final.exists() and json.loads(final.read_text())["step"] > step
+    except (ValueError, KeyError, TypeError):
+        stale = True
+    if stale:
+        final.unlink()
+    return open(path, "a")
+
+
+class Preempted(Exception):
+    """A stop signal arrived: the step finished and the checkpoint is written (exit status EXIT_PREEMPTED)."""
+
+
+def catch_stop_signals():
+    """SIGTERM and SIGUSR1 (a cluster's preemption notices) and SIGINT (Ctrl-C) only raise a flag: the loop
+    finishes its step, writes the checkpoint and exits. A second Ctrl-C interrupts at once.
+    Returns the list the handlers append to and a function that restores the previous handlers."""
+    caught = []
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return caught, lambda: None  # signal handlers can only be set from the main thread
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    return caught, lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def reduce_max(flags, world, group=None):
+    """Elementwise max of a small tensor over the ranks, so that every rank takes the same decision."""
+    if world > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
+    return flags
+
+
+def stop_requested(caught, world, group):
+    """True on every rank at the same step once any rank caught a stop signal (no collective on one process)."""
+    return bool(caught) if world == 1 else reduce_max(torch.tensor([len(caught)]), world, group).item() > 0
 
 
 def autocast(device, dtype):
@@ -483,6 +599,11 @@ def evaluate(model, dataset, args, device, split_seed=1234):
     return result, first
 
 
+def eval_settings(args):
+    """The test-time settings eval.json records next to the metrics."""
+    return {k: getattr(args, k) for k in TEST_KEYS}
+
+
 def base(dataset):
     """The dataset under a Subset (for its attributes)."""
     return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
@@ -511,9 +632,13 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         _main(args)
-    except (data.DataError, FloatingPointError) as e:
+    except (data.DataError, FloatingPointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -524,29 +649,23 @@ def _main(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(args.device, local_rank)
+    cpu_group = None  # stop flags and RNG states travel on the CPU (gloo), never waiting for the GPU
+    own_group = world > 1 and not torch.distributed.is_initialized()  # else the caller set it up (tests do)
     if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if own_group:
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        cpu_group = torch.distributed.new_group(backend="gloo") if device.type == "cuda" else None
     is_main = rank == 0
 
-    ckpt = None
-    if args.resume or args.eval_only:
-        ckpt = load_checkpoint(args.resume or args.eval_only)
-        for k in ARCH_KEYS:  # the network is the checkpoint's, whatever the flags say
-            setattr(args, k, ckpt["args"][k])
+    run_dir, ckpt = open_run(args, f"vit_mae_ocl-{Path(args.data).stem}-seed{args.seed}")
+    if ckpt is not None:
+        checkpoint_args(args, ckpt["args"])
+    step = ckpt["step"] if ckpt is not None and not args.eval_only else 0
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)  # masks and token noise differ across ranks, as in a bigger batch
 
     test_ds = data.make_dataset(args.data, "test", args.resolution)
-
-    if args.resume or args.eval_only:
-        run_dir = Path(args.resume or args.eval_only).parent
-    else:
-        name = args.run_name or f"vit_mae_ocl-{Path(args.data).stem}-seed{args.seed}"
-        run_dir = Path(args.out_dir) / name
-        if is_main and (run_dir / "checkpoint.pt").exists():
-            raise data.DataError(f"{run_dir} already holds a run; pass --resume {run_dir}/checkpoint.pt "
-                                 f"or another --run-name")
 
     model = build_model(args).to(device)
     if ckpt is not None:
@@ -555,28 +674,40 @@ def _main(args):
 
     if args.eval_only:
         if is_main:
-            result, (image, out) = evaluate(model, test_ds, args, device)
-            result["step"] = ckpt["step"]
+            result, _ = evaluate(model, test_ds, args, device)
+            result = {"step": ckpt["step"], **eval_settings(args), **result}
             (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
             print(json.dumps(result))
-        return
+        return model
+    if step >= args.steps:
+        if is_main:
+            print(f"{run_dir} is complete at step {step} (--steps {args.steps}); nothing to do")
+        return model
 
     data_opts = {"size": args.train_size} if args.train_size and args.data in data.BUILTIN else {}
     train_ds = data.make_dataset(args.data, "train", args.resolution, **data_opts)
     if args.train_size and args.data not in data.BUILTIN:
         train_ds = torch.utils.data.Subset(train_ds, range(min(args.train_size, len(train_ds))))
     eval_ds = data.make_dataset(args.data, "val", args.resolution)
+    if is_main:  # bad data failed above and wrote nothing; an unwritable output folder fails here, before training
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        except OSError as e:
+            raise data.DataError(f"{run_dir}: cannot write the run folder ({e.strerror})")
 
     opt = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-    step = 0
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng_torch"])
-        if ckpt["rng_cuda"] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        if len(ckpt["rng_torch"]) == world:  # each rank continues its own random stream
+            torch.set_rng_state(ckpt["rng_torch"][rank].clone())  # clone: torch 2.13 segfaults on a row view
+            if device.type == "cuda" and "rng_cuda" in ckpt:
+                torch.cuda.set_rng_state(ckpt["rng_cuda"][rank].clone(), device)
+        elif is_main:
+            print(f"note: the checkpoint was written by {len(ckpt['rng_torch'])} process(es), this run has {world}: "
+                  f"the random streams restart from --seed")
     plain = model  # checkpoints hold the plain module's weights
     if args.compile:
         model = torch.compile(model)
@@ -584,11 +715,9 @@ def _main(args):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-        print(f"device {device} | {n_params / 1e6:.2f}M parameters | run folder {run_dir}")
-    # a fresh run starts a fresh log (a run that failed before its first checkpoint may have left one)
-    log = open(run_dir / "metrics.jsonl", "a" if args.resume else "w") if is_main else None
+        print(f"device {device} | {n_params / 1e6:.2f}M parameters | run folder {run_dir}"
+              + (f" | resumed at step {step}" if step else ""))
+    log = start_log(run_dir, step) if is_main else None
 
     def write(record):
         log.write(json.dumps(record) + "\n")
@@ -601,67 +730,86 @@ def _main(args):
     sums, n_sum, t0, fg_ari = {}, 0, time.time(), float("nan")
     bad_step = torch.zeros((), dtype=torch.long, device=device)
     bad_terms = None  # which terms were non-finite at bad_step (the cause, not the NaNs that follow it)
+    caught, restore_signals = catch_stop_signals()
     model.train()
-    while step < args.steps:
-        image = next(batches)["image"].to(device, non_blocking=True)
-        lr, ratio = lr_at(step, args), mask_ratio_at(step, args)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        noise = args.token_noise if step < args.warmup_steps else 0.0  # class-token noise in warm-up only
-        with autocast(device, args.dtype):
-            out = model(image, mask_ratio=ratio, token_noise=noise)
-        terms = compute_loss(out, image, args, step)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        step += 1
-        for k, v in terms.items():  # summed on the device: no host sync inside the step
-            sums[k] = sums.get(k, 0.0) + v.detach()
-        n_sum += 1
-        # first step with a non-finite loss, tracked on the device (0: none yet)
-        finite = torch.stack([torch.isfinite(v.detach()) for v in terms.values()])  # (T,)
-        first_bad = (bad_step == 0) & ~finite.all()
-        bad_terms = torch.where(first_bad, ~finite, ~finite if bad_terms is None else bad_terms)
-        bad_step = torch.where(first_bad, step, bad_step)
+    try:
+        while step < args.steps:
+            image = next(batches)["image"].to(device, non_blocking=True)
+            lr, ratio = lr_at(step, args), mask_ratio_at(step, args)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            noise = args.token_noise if step < args.warmup_steps else 0.0  # class-token noise in warm-up only
+            with autocast(device, args.dtype):
+                out = model(image, mask_ratio=ratio, token_noise=noise)
+            terms = compute_loss(out, image, args, step)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            for k, v in terms.items():  # summed on the device: no host sync inside the step
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            n_sum += 1
+            # first step with a non-finite loss, tracked on the device (0: none yet)
+            finite = torch.stack([torch.isfinite(v.detach()) for v in terms.values()])  # (T,)
+            first_bad = (bad_step == 0) & ~finite.all()
+            bad_terms = torch.where(first_bad, ~finite, ~finite if bad_terms is None else bad_terms)
+            bad_step = torch.where(first_bad, step, bad_step)
 
-        last = step == args.steps
-        if step % args.log_every == 0 or step % args.save_every == 0 or last:
-            means = {k: (v / n_sum).item() for k, v in sums.items()}
-            if bad_step.item():  # stop before a checkpoint could store the broken weights
-                term = next(k for k, bad in zip(terms, bad_terms.tolist()) if bad)  # "loss" is last
-                raise FloatingPointError(f"non-finite loss term {term!r} at step {bad_step.item()}; stopped, "
-                                         f"last good checkpoint kept in {run_dir}")
-            if is_main and (step % args.log_every == 0 or last):
-                dt = time.time() - t0
-                w_pix, w_obj = entropy_weights_at(step - 1, args)  # the schedules of the step just taken
-                write({"step": step, "split": "train", **means, "lr": lr, "mask_ratio": ratio,
-                       "w_pixel_entropy": w_pix, "w_object_entropy": w_obj, "token_noise": noise,
-                       "images_per_s": n_sum * args.batch_size * world / dt, "peak_mem_mb": peak_memory_mb(device)})
-                bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{n_sum * args.batch_size * world / dt:.0f}",
-                                fg_ari=f"{fg_ari:.3f}")
-                sums, n_sum, t0 = {}, 0, time.time()
-        if is_main and ((args.eval_every and step % args.eval_every == 0) or last):
-            t_eval = time.time()
-            result, (image_s, out_s) = evaluate(plain, test_ds if last else eval_ds, args, device)
-            fg_ari = result.get("fg_ari", float("nan"))
-            write({"step": step, "split": "eval", **result})
-            write_samples(run_dir / "samples" / f"step_{step:07d}.png", image_s, out_s, args)
-            if last:
-                (run_dir / "eval.json").write_text(json.dumps({"step": step, **result}, indent=2))
-            t0 += time.time() - t_eval  # evaluation time does not count against images/s
-        if is_main and (step % args.save_every == 0 or last):
-            save_checkpoint(run_dir / "checkpoint.pt", plain, opt, scaler, step, args)
-        bar.update(1)
-    bar.close()
-    if log:
-        log.close()
+            last = step == args.steps
+            stop = stop_requested(caught, world, cpu_group) and not last
+            save = step % args.save_every == 0 or last or stop
+            if step % args.log_every == 0 or save:
+                # every rank stops on a non-finite term of any rank (a lone rank would hang the others),
+                # and before a checkpoint could store the broken weights
+                bad = reduce_max(torch.cat([bad_step[None], bad_terms.long()]), world).tolist()  # (1 + T,)
+                if bad[0]:
+                    term = next(k for k, b in zip(terms, bad[1:]) if b)
+                    raise FloatingPointError(f"non-finite loss term {term!r} at step {bad[0]}; stopped, "
+                                             f"last good checkpoint kept in {run_dir}")
+                if is_main and (step % args.log_every == 0 or last):
+                    means = {k: (v / n_sum).item() for k, v in sums.items()}
+                    dt = time.time() - t0
+                    w_pix, w_obj = entropy_weights_at(step - 1, args)  # the schedules of the step just taken
+                    write({"step": step, "split": "train", **means, "lr": lr, "mask_ratio": ratio,
+                           "w_pixel_entropy": w_pix, "w_object_entropy": w_obj, "token_noise": noise,
+                           "images_per_s": n_sum * args.batch_size * world / dt, "peak_mem_mb": peak_memory_mb(device)})
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{n_sum * args.batch_size * world / dt:.0f}",
+                                    fg_ari=f"{fg_ari:.3f}")
+                    sums, n_sum, t0 = {}, 0, time.time()
+            if is_main and not stop and ((args.eval_every and step % args.eval_every == 0) or last):
+                t_eval = time.time()
+                result, (image_s, out_s) = evaluate(plain, test_ds if last else eval_ds, args, device)
+                fg_ari = result.get("fg_ari", float("nan"))
+                write({"step": step, "split": "eval", **result})
+                write_samples(run_dir / "samples" / f"step_{step:07d}.png", image_s, out_s, args)
+                if last:
+                    (run_dir / "eval.json").write_text(json.dumps({"step": step, **eval_settings(args), **result},
+                                                                  indent=2))
+                t0 += time.time() - t_eval  # evaluation time does not count against images/s
+            if save:
+                rng = rng_states(device, world, cpu_group)  # a collective: every rank
+                if is_main:
+                    save_checkpoint(run_dir / "checkpoint.pt", plain, opt, scaler, step, args, rng)
+            if stop:
+                if world > 1:
+                    torch.distributed.barrier()  # the checkpoint is on disk before any rank exits
+                raise Preempted(f"stopped by a signal at step {step}, checkpoint written in {run_dir}; "
+                                f"rerun the same command with --resume auto to continue")
+            bar.update(1)
+    finally:
+        restore_signals()
+        bar.close()
+        if log:
+            log.close()
     if world > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # rank 0's last evaluation and checkpoint are written when any rank returns
+    if own_group:
         torch.distributed.destroy_process_group()
+    return plain
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ NATIVE = {"shapes": 64, "shapes-colored": 64, "shapes-binary": 64, "tetrominoes"
 
 
 def batch_of(name, n=64, split="train", **kw):
-    return data.make_synthetic(name, split, **kw).__getitems__(list(range(n)))
+    return data.make_synthetic(name, split, **kw).get_batch(list(range(n)))
 
 
 def pixel_counts(mask, E):
@@ -66,7 +66,7 @@ def test_batch_format(name):
     assert ds.has_masks and set(ds.properties) == {"visible", "shape", "color", "scale", "x", "y"}
     assert len(ds) == 1000 and len(data.make_synthetic(name, "train")) == 1_000_000
     assert len(data.make_synthetic(name, "test", size=17)) == 17
-    b = ds.__getitems__(list(range(32)))
+    b = ds.get_batch(list(range(32)))
     dtypes = {"image": torch.float32, "mask": torch.int64, "visible": torch.bool, "shape": torch.int64,
               "color": torch.float32, "scale": torch.float32, "x": torch.float32, "y": torch.float32}
     assert {k: v.dtype for k, v in b.items()} == dtypes
@@ -138,17 +138,17 @@ def test_colour_schemes():
 @pytest.mark.parametrize("name", data.BUILTIN)
 def test_item_independent_of_batch(name):
     ds = data.make_synthetic(name, "train", seed=3)
-    a = ds.__getitems__([5, 100, 7])
-    b = ds.__getitems__([999_999, 7, 42, 5])
+    a = ds.get_batch([5, 100, 7])
+    b = ds.get_batch([999_999, 7, 42, 5])
     for k in a:
         assert torch.equal(a[k][0], b[k][3]) and torch.equal(a[k][2], b[k][1])
     items = [ds[i] for i in (5, 100, 7)]
     for k in a:
         assert torch.equal(a[k], torch.stack([it[k] for it in items]))
     assert torch.equal(ds[-1]["image"], ds[999_999]["image"])
-    again = data.make_synthetic(name, "train", seed=3).__getitems__([5, 100, 7])
+    again = data.make_synthetic(name, "train", seed=3).get_batch([5, 100, 7])
     assert all(torch.equal(a[k], again[k]) for k in a)
-    other = data.make_synthetic(name, "train", seed=4).__getitems__([5, 100, 7])
+    other = data.make_synthetic(name, "train", seed=4).get_batch([5, 100, 7])
     assert not torch.equal(a["mask"], other["mask"])
 
 
@@ -173,7 +173,7 @@ def test_index_out_of_range():
     with pytest.raises(IndexError):
         ds[10]
     with pytest.raises(IndexError):
-        ds.__getitems__([0, -11])
+        ds.get_batch([0, -11])
 
 
 # --- exact masks, occlusion, visibility
@@ -234,7 +234,7 @@ def reference_sprite_mask(ds, indices):
 def test_sprite_masks_match_slow_painter(name, resolution):
     ds = data.make_synthetic(name, "test", resolution=resolution, seed=1)
     idx = list(range(0, 1000, 14))
-    got = ds.__getitems__(idx)["mask"]
+    got = ds.get_batch(idx)["mask"]
     want = reference_sprite_mask(ds, idx)
     # identical up to float rounding on pixel centres lying exactly on a boundary
     assert (got != want).sum() <= 2
@@ -332,7 +332,7 @@ def test_loader_yields_batches():
     ds = data.make_synthetic("tetrominoes", "val", size=20)
     batches = list(data.make_loader(ds, 8, shuffle=False))
     assert [b["image"].shape[0] for b in batches] == [8, 8, 4]
-    whole = ds.__getitems__(list(range(20)))
+    whole = ds.get_batch(list(range(20)))
     for k in whole:
         assert torch.equal(torch.cat([b[k] for b in batches]), whole[k])
 
@@ -355,3 +355,19 @@ def test_bench_script_runs():
     assert [line.split()[0] for line in lines] == list(data.BUILTIN)
     for line in lines:
         assert line.endswith("images/s") and float(line.split()[-2]) > 0
+
+
+@pytest.mark.parametrize("name", data.BUILTIN)
+def test_plain_dataloader_default_collate(name):
+    ds = data.make_dataset(name, "train", size=40)
+    plain = iter(torch.utils.data.DataLoader(ds, batch_size=8))  # DESIGN.md: works as users plug it in
+    fast = iter(data.make_loader(ds, 8, shuffle=False))
+    for _ in range(2):
+        a, b = next(plain), next(fast)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    idx = [7, 0, 33]
+    one_by_one = torch.utils.data.default_collate([ds[i] for i in idx])
+    whole = ds.get_batch(idx)
+    assert all(torch.equal(one_by_one[k], whole[k]) for k in whole)

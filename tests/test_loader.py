@@ -18,9 +18,19 @@ class Indexed(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
-    def __getitems__(self, indices):
+    def get_batch(self, indices):
         self.fetches += 1
         return {"i": torch.tensor(indices)}
+
+
+class Plain(torch.utils.data.Dataset):
+    """A map-style dataset without get_batch: sample i is {"i": i, "sq": i * i}."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return {"i": torch.tensor(i), "sq": torch.tensor([i * i])}
 
 
 def take(loader, n):
@@ -79,3 +89,16 @@ def test_ordered_pass_covers_everything_once():
 def test_too_small_dataset_is_a_data_error():
     with pytest.raises(data.DataError, match="too small"):
         data.make_loader(Indexed(3), 4, shuffle=True)
+
+
+def test_subsets_and_datasets_without_get_batch():
+    ds = Indexed(30)
+    inner = torch.utils.data.Subset(ds, list(range(29, -1, -1)))  # reversed
+    outer = torch.utils.data.Subset(inner, [3, 1, 4, 1, 5])
+    assert data.fetch_batch(outer, [0, 2, 4])["i"].tolist() == [26, 25, 24]
+    assert ds.fetches == 1  # resolved to one get_batch call on the base dataset
+    batches = list(data.make_loader(outer, 2, shuffle=False))
+    assert [b["i"].tolist() for b in batches] == [[26, 28], [25, 28], [24]] and ds.fetches == 4
+    # no get_batch: the samples are stacked by the default collate
+    b = next(iter(data.make_loader(Plain(), 4, shuffle=False)))
+    assert b["i"].tolist() == [0, 1, 2, 3] and b["sq"].tolist() == [[0], [1], [4], [9]]

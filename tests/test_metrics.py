@@ -118,6 +118,26 @@ def test_ari_matches_pair_counting_reference(seed):
     assert got_all.dtype == torch.float64 and got_all.shape == (true.shape[0],)
 
 
+# sklearn.metrics.adjusted_rand_score(truth, prediction) on these label lists, computed once (sklearn 1.x) and
+# written down, so the known values need no sklearn at test time; the last case also drops background id 0.
+SKLEARN_ARI = [
+    ([0, 0, 1, 1, 2, 2, 2, 3], [1, 1, 0, 0, 2, 2, 3, 3], 0.6037735849056604, None),
+    ([0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 2, 2, 2, 2], 0.35714285714285715, None),
+    ([0, 1, 2, 3, 0, 1, 2, 3, 0], [0, 0, 0, 0, 1, 1, 1, 1, 2], -0.2857142857142857, None),
+    ([1, 1, 1, 1, 2, 2, 3, 3, 3, 3, 0, 0], [2, 2, 0, 0, 1, 1, 1, 1, 3, 3, 3, 0], 0.20874471086036672,
+     0.2857142857142857),
+]
+
+
+@pytest.mark.parametrize("truth, prediction, ari, fg_ari", SKLEARN_ARI)
+def test_ari_and_fg_ari_equal_known_sklearn_values(truth, prediction, ari, fg_ari):
+    true = torch.tensor(truth).view(1, 1, -1)  # (B, H, W): one image, one row
+    pred = torch.nn.functional.one_hot(torch.tensor(prediction), 4).T.view(1, 4, 1, -1).float()  # (B, K, H, W)
+    assert metrics.ari(true, pred)[0].item() == pytest.approx(ari, abs=1e-12)
+    if fg_ari is not None:
+        assert metrics.fg_ari(true, pred, num_background=1)[0].item() == pytest.approx(fg_ari, abs=1e-12)
+
+
 def test_ari_degenerate_cases():
     true, pred = degenerate_cases()
     got = metrics.ari(true, pred)

@@ -143,3 +143,25 @@ def test_profile_run_writes_an_operator_table(tmp_path):
     ops = re.findall(r"^\s*(aten::\w+)\s", table, re.M)
     assert 0 < len(ops) <= 5 and "aten::convolution_backward" in table, table  # a conv model trained: backward ran
     assert script("profile_run.py", "--model", "nope").returncode == 2
+
+
+def test_gpu_check_cpu_smoke_path_writes_its_tables(tmp_path):
+    r = script("gpu_check.py", "--device", "cpu", "--tiny", "--models", "slot_attention", "vit_mae_ocl",
+               "--modes", "eager", "--learners", "vit_mae_ocl", "--steps", "4", "--eval-every", "10", "--max-learn-steps", "30",
+               "--budget", "120",
+               "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.startswith("`python scripts/gpu_check.py --device cpu --tiny")
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [(s["model"], s["mode"]) for s in result["speed"]] == [("slot_attention", "eager"), ("vit_mae_ocl", "eager")]
+    for row in result["speed"]:
+        assert row["images_per_s"] > 0 and row["step_ms"] > 0 and row["peak_mem_mb"] > 0 and row["batch"] == 4
+        assert re.search(rf"^\| {row['model']} \| {row['mode']} \| 4 \| {row['images_per_s']:.1f} \|", md, re.M)
+    (learner,) = result["learning"]
+    assert learner["model"] == "vit_mae_ocl" and learner["steps"] >= 10 and learner["steps"] % 10 == 0
+    steps = [s for s, _ in learner["curve"]]
+    assert steps == list(range(10, learner["steps"] + 1, 10))  # every evaluation (the last one on the test split)
+    assert all(-1 <= v <= 1 for _, v in learner["curve"])
+    bad = script("gpu_check.py", "--device", "cuda")  # no CUDA here: a one-line argparse error
+    assert bad.returncode == 2 and "no CUDA device" in bad.stderr and "Traceback" not in bad.stderr
