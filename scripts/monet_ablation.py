@@ -33,7 +33,8 @@ VARIANTS = {  # name: the flags that make it (2310.03273: drop the VAE KL, drop 
 }
 COLUMNS = ("fg_ari", "ari", "att_entropy", "att_binary", "dec_fg_ari", "dec_entropy", "dec_binary", "mse")
 # args.json keys that do not change what a run computes: left out of the comparison
-IGNORED = {"out_dir", "run_name", "resume", "eval_only", "device", "workers", "compile", "log_every", "save_every"}
+IGNORED = {"out_dir", "run_name", "resume", "eval_only", "device", "workers", "compile", "log_every", "save_every",
+           "given"}
 
 
 def parse_args(argv=None):
