@@ -100,12 +100,13 @@ PRESETS = {
     # 1901.11390 appendix B: RMSProp lr 1e-4, batch 64; unet_channels None: the U-Net blueprint, unet_widths()
     "paper": dict(batch_size=64, steps=1_000_000, lr=1e-4, warmup_steps=0, grad_clip=0.0, unet_channels=None,
                   mlp_hidden=128, enc_channels=32, enc_hidden=256, dec_channels=32, latent_dim=16,
-                  optimizer="rmsprop-tf", gamma_warmup=0,
+                  optimizer="rmsprop-tf", gamma_warmup=0, sigma_bg=0.09, sigma_fg=0.11,  # appendix B.1
                   log_every=100, eval_every=5_000, eval_size=320, save_every=5_000),
     # tiny: defaults to Tetrominoes at its native 35 px, other data 32 px; docs/monet.md has the sweep behind it
-    "tiny": dict(batch_size=16, steps=3_000, lr=3e-4, warmup_steps=0, grad_clip=0.0, unet_channels=[16],
+    # sigmas of addtt/object-centric-library config/special_cases/monet-tetrominoes.yaml (bg 0.3, fg 0.36)
+    "tiny": dict(batch_size=16, steps=8_000, lr=3e-4, warmup_steps=0, grad_clip=0.0, unet_channels=[16],
                  mlp_hidden=64, enc_channels=16, enc_hidden=64, dec_channels=16, latent_dim=16,
-                 optimizer="rmsprop", gamma_warmup=0,
+                 optimizer="rmsprop", gamma_warmup=1_000, sigma_bg=0.3, sigma_fg=0.36,
                  log_every=50, eval_every=250, eval_size=256, save_every=250),
 }
 TINY_RESOLUTION = 32  # tiny preset on data other than Tetrominoes
@@ -178,8 +179,10 @@ def parse_args(argv=None):
     a("--gamma", type=float, default=0.5, help="weight of the mask reconstruction KL; 0 removes the term (ablation)")
     a("--gamma-warmup", type=int, default=None, help="steps over which the mask KL weight rises linearly from 0 to "
       "--gamma (0: constant, the paper)")
-    a("--sigma-bg", type=float, default=0.09, help="likelihood std of the background slot (slot 0), image in [0, 1]")
-    a("--sigma-fg", type=float, default=0.11, help="likelihood std of the other slots, image in [0, 1]")
+    a("--sigma-bg", type=float, default=None,
+      help="likelihood std of the background slot (slot 0), image in [0, 1] (None: paper 0.09, tiny 0.3)")
+    a("--sigma-fg", type=float, default=None,
+      help="likelihood std of the other slots, image in [0, 1] (None: paper 0.11, tiny 0.36)")
     a("--optimizer", choices=OPTIMIZERS, default=None, help="rmsprop-tf: TF1 RMSProp as the paper (decay 0.9, "
       "eps 1e-10, mean square from 1); rmsprop: PyTorch's; adam (None: from the preset)")
     a("--batch-size", type=int, default=None, help="images per step (per process under torchrun)")
@@ -205,8 +208,6 @@ def parse_args(argv=None):
     # the flags this command line gives: under --resume / --eval-only they override the checkpoint's
     args.given = sorted({t[2:].split("=")[0].replace("-", "_") for t in (sys.argv[1:] if argv is None else argv)
                          if t.startswith("--")})
-
-
     if args.data is None:
         args.data = "tetrominoes" if args.preset == "tiny" else "shapes"
     key = args.data if args.data in DATA_DEFAULTS else next(

@@ -331,7 +331,8 @@ def test_tf_rmsprop_first_and_second_update_by_hand():
 @pytest.mark.parametrize("name,res,k", [("tetrominoes", 35, 4), ("shapes", 32, 7), ("shapes-binary", 32, 5)])
 def test_tiny_preset_keeps_tetrominoes_native_and_shrinks_the_rest(name, res, k):
     args = monet.parse_args(["--preset", "tiny", "--data", name])
-    assert (args.resolution, args.num_slots, args.steps, args.lr, args.batch_size) == (res, k, 3000, 3e-4, 16)
+    assert (args.resolution, args.num_slots, args.steps, args.lr, args.batch_size) == (res, k, 8000, 3e-4, 16)
+    assert (args.sigma_bg, args.sigma_fg, args.gamma_warmup) == (0.3, 0.36, 1000)  # docs/monet.md: the sweep
     assert args.unet_blocks == monet.unet_blocks_for(res)
     assert monet.parse_args(["--preset", "tiny", "--data", name, "--resolution", "24"]).resolution == 24
 
