@@ -368,7 +368,7 @@ class ComponentVAE(nn.Module):
             first = self.decoder[0](torch.cat([grid, coords], dim=1))
         else:
             first = broadcast_first_conv(z, self.coords, self.decoder[0])
-        # channels-last convolutions: ~2x faster here on CPU (docs/monet.md); same numbers
+        # channels-last convolutions: the same numbers, faster on CPU (docs/monet.md: the step against b0b76e7)
         return self.decoder[1:](first.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def forward(self, x, log_masks):
