@@ -94,6 +94,7 @@ PRESETS = {
 DATA_DEFAULTS = {
     "shapes": dict(num_slots=6, hflip=False), "shapes-colored": dict(num_slots=5, hflip=False),
     "shapes-binary": dict(num_slots=4, hflip=False), "tetrominoes": dict(num_slots=4, hflip=False),
+    "clevr-lite": dict(num_slots=7, hflip=False),  # CLEVR6-like: K as slot_attention.py's CLEVR6 row
     "coco": dict(num_slots=7, hflip=True), "other": dict(num_slots=7, hflip=False),
 }
 # name: (patch, dim, depth, heads, native grid of pos_embed). DINO (Caron et al. 2021) trains at 224 px.

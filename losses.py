@@ -117,17 +117,18 @@ def variance_loss(z, gamma=1.0, eps=1e-4):
 def cosine_slot_loss(slots, margin=0.2):
     """Cosine slot-similarity penalty (COSINELOSS, arXiv 2306.02577):
 
-        mean_b mean_{i != j} max(0, cos(s_bi, s_bj) - margin)
+        mean_b 1/K^2 sum_{i != j} max(0, cos(s_bi, s_bj) - margin)
 
-    over the ordered pairs of distinct slots of each image; slots (B, K, D). K = 1 gives 0. Returns a scalar.
+    averaged over all K^2 ordered pairs, the diagonal ones contributing 0, as the authors' code does
+    (robert1003/slot-attention-disentanglement be8d9c8 model.py: torch's cosine_embedding_loss over the K^2 pairs,
+    target +1 on the diagonal, whose 1 - cos(s, s) is 0 up to rounding). The mean over the K(K-1) distinct pairs
+    is this times K / (K - 1). slots (B, K, D); K = 1 gives 0. Returns a scalar.
     """
     b, k, _ = slots.shape
-    if k < 2:
-        return slots.sum() * 0.0  # keeps the graph (and device) without a value
     unit = F.normalize(slots, dim=-1)
     cos = unit @ unit.transpose(1, 2)  # (B, K, K)
     off = ~torch.eye(k, dtype=torch.bool, device=slots.device)
-    return F.relu(cos[:, off] - margin).mean()  # (B, K*(K-1)) -> scalar
+    return F.relu(cos[:, off] - margin).sum() / (b * k * k)  # (B, K*(K-1)) summed, / all B*K^2 pairs
 
 
 def pixel_entropy(masks, eps=1e-8):

@@ -121,6 +121,7 @@ DATA_DEFAULTS = {
     "shapes-colored": dict(resolution=64, num_slots=6),
     "shapes-binary": dict(resolution=64, num_slots=5),
     "tetrominoes": dict(resolution=35, num_slots=4),
+    "clevr-lite": dict(resolution=128, num_slots=7),  # built-in CLEVR6-like set: CLEVR6's row, rendered at 128
     # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px.
     "clevr": dict(resolution=128, num_slots=7),  # CLEVR6
     "clevrtex": dict(resolution=128, num_slots=11),

@@ -175,12 +175,25 @@ def test_variance_loss_values():
 def test_cosine_slot_loss_values():
     eye = torch.eye(4).expand(3, 4, 4)  # orthogonal slots
     assert losses.cosine_slot_loss(eye).item() == 0.0
-    same = torch.ones(2, 5, 8)
-    assert losses.cosine_slot_loss(same, margin=0.2).item() == pytest.approx(0.8)
+    same = torch.ones(2, 5, 8)  # 20 of the 25 ordered pairs at cos 1: 0.8 * 20 / 25
+    assert losses.cosine_slot_loss(same, margin=0.2).item() == pytest.approx(0.8 * 20 / 25)
     assert losses.cosine_slot_loss(torch.randn(2, 1, 8)).item() == 0.0
-    # Mixed batch: image 0 identical slots (0.8), image 1 orthogonal (0) -> 0.4
+    # Mixed batch: image 0 identical slots (0.8 * 6 / 9), image 1 orthogonal (0)
     mixed = torch.stack([torch.ones(3, 3), torch.eye(3)])
-    assert losses.cosine_slot_loss(mixed).item() == pytest.approx(0.4)
+    assert losses.cosine_slot_loss(mixed).item() == pytest.approx(0.8 * 6 / 9 / 2)
+
+
+def test_cosine_slot_loss_equals_the_authors_cosine_embedding_loss():
+    # robert1003 be8d9c8: every ordered pair (i, j) of an image's K slots, target +1 where i == j and -1 elsewhere,
+    # torch's cosine_embedding_loss with margin 0.2, averaged over all B*K^2 pairs.
+    torch.manual_seed(0)
+    slots = torch.randn(3, 5, 8) + 0.8  # shifted: many pairs above the margin
+    b, k, d = slots.shape
+    first = slots[:, :, None].expand(b, k, k, d).reshape(-1, d)
+    second = slots[:, None, :].expand(b, k, k, d).reshape(-1, d)
+    target = torch.where(torch.eye(k, dtype=torch.bool), 1.0, -1.0).repeat(b, 1, 1).reshape(-1)
+    want = F.cosine_embedding_loss(first, second, target, margin=0.2)
+    torch.testing.assert_close(losses.cosine_slot_loss(slots, margin=0.2), want, atol=1e-6, rtol=1e-5)
 
 
 # --- Entropies
