@@ -334,6 +334,8 @@ def test_tiny_preset_defaults():
     a = vm.parse_args(["--preset", "tiny", "--data", "shapes"])  # 64 px sets shrink to 32 px / patch 4
     assert (a.resolution, a.patch_size, a.num_slots, a.token_init_std) == (32, 4, 6, 1.0)
     assert vm.parse_args(["--preset", "tiny"]).token_init_std == 0.002  # Tetrominoes: as measured, the authors'
+    a = vm.parse_args(["--preset", "tiny", "--data", "clevr-lite"])  # CLEVR6's K, tokens drawn apart
+    assert (a.resolution, a.patch_size, a.num_slots, a.mask_ratio, a.token_init_std) == (32, 4, 7, 0.75, 1.0)
     assert vm.parse_args([]).data == "shapes"
 
 
