@@ -96,11 +96,20 @@ CLEVR = dict(resolution=128, num_slots=7, latent_dim=64, dec_channels=64, dec_ke
              paper_lr=1e-3)
 TETROMINOES = {**SPRITES, "resolution": 35, "num_slots": 4, "latent_dim": 32, "lstm_hidden": 0,
                "paper_batch": 256}
-# Real files are recognised by name (DeepMind HDF5 conversions, ClevrTex); anything else gets 64 px sprites sizes.
-DATA_DEFAULTS = {"shapes": SPRITES, "shapes-colored": {**SPRITES, "num_slots": 5}, "tetrominoes": TETROMINOES,
-                 "shapes-binary": {**SPRITES, "num_slots": 4}, "clevr": CLEVR, "clevrtex": {**CLEVR, "num_slots": 11},
-                 "objects_room": {**SPRITES, "num_slots": 7}, "dsprites": SPRITES, "tetromino": TETROMINOES,
-                 "other": {**SPRITES, "num_slots": 7}}
+DATA_DEFAULTS = {
+    "shapes": SPRITES,
+    "shapes-colored": {**SPRITES, "num_slots": 5},
+    "shapes-binary": {**SPRITES, "num_slots": 4},
+    "tetrominoes": TETROMINOES,
+    "clevr-lite": CLEVR,  # built-in CLEVR6-like set: CLEVR6's row, rendered at 128
+    # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px sprites sizes.
+    "clevr": CLEVR,  # CLEVR6
+    "clevrtex": {**CLEVR, "num_slots": 11},
+    "objects_room": {**SPRITES, "num_slots": 7},
+    "dsprites": SPRITES,
+    "tetromino": TETROMINOES,
+    "other": {**SPRITES, "num_slots": 7},
+}
 # Flags that shape the weights: --resume and --eval-only take them from the checkpoint and refuse other values.
 ARCH_KEYS = ("resolution", "latent_dim", "dec_channels", "dec_kernel", "ref_channels", "ref_kernel", "ref_layers",
              "ref_mlp", "lstm_hidden", "coord")

@@ -72,18 +72,20 @@ def mask_kl(log_attention, mask_logits):
 
 
 def ir_loss(x, means, log_masks, sigma):
-    """Mask-weighted per-component reconstruction error, this project's form of the "IR" loss of the MONet loss
+    """Mask-weighted per-component negative log-likelihood, this project's form of the "IR" loss of the MONet loss
     ablation (arXiv 2310.03273; the paper's exact equation is not public, see PAPERS.md):
 
-        sum_pixels sum_k m_k ||x - mu_k||^2 / (2 sigma_k^2)
+        sum_pixels sum_k m_k * (-log N(x; mu_k, sigma_k^2))
+          = sum_pixels sum_k m_k [ ||x - mu_k||^2 / (2 sigma_k^2) + C (log sigma_k + log(2 pi) / 2) ]
 
-    By Jensen's inequality it is an upper bound of the mixture NLL minus the Gaussian normaliser
-    sum_k m_k C (log sigma_k + log(2 pi) / 2), equal for one-hot masks; its minimum over the masks is a one-hot
-    mask on the best-reconstructing component (the winner-take-all mechanism). Returns (B,).
+    with C channels and the Gaussian normaliser kept: it depends on the masks whenever the sigma_k differ (MONet's
+    sigma_bg != sigma_fg). Since -log is convex, Jensen's inequality makes it an upper bound of the mixture NLL
+    -sum_pixels log sum_k m_k N(x; mu_k, sigma_k^2), equal to it for one-hot masks. It is linear in the masks, so its
+    minimum over the masks is the one-hot mask on the component with the highest likelihood at each pixel (the
+    winner-take-all mechanism). Returns (B,).
     """
-    s = _slot_sigma(sigma, means, means.dim())
-    err = ((x[:, None] - means) ** 2 / (2 * s ** 2)).sum(dim=2)  # (B, K, H, W)
-    return (log_masks.exp() * err).flatten(1).sum(dim=1)
+    log_lik = gaussian_log_likelihood(x, means, sigma)  # (B, K, H, W)
+    return -(log_masks.exp() * log_lik).flatten(1).sum(dim=1)
 
 
 def covariance_loss(z, normalize="dim"):
@@ -115,17 +117,18 @@ def variance_loss(z, gamma=1.0, eps=1e-4):
 def cosine_slot_loss(slots, margin=0.2):
     """Cosine slot-similarity penalty (COSINELOSS, arXiv 2306.02577):
 
-        mean_b mean_{i != j} max(0, cos(s_bi, s_bj) - margin)
+        mean_b 1/K^2 sum_{i != j} max(0, cos(s_bi, s_bj) - margin)
 
-    over the ordered pairs of distinct slots of each image; slots (B, K, D). K = 1 gives 0. Returns a scalar.
+    averaged over all K^2 ordered pairs, the diagonal ones contributing 0, as the authors' code does
+    (robert1003/slot-attention-disentanglement be8d9c8 model.py: torch's cosine_embedding_loss over the K^2 pairs,
+    target +1 on the diagonal, whose 1 - cos(s, s) is 0 up to rounding). The mean over the K(K-1) distinct pairs
+    is this times K / (K - 1). slots (B, K, D); K = 1 gives 0. Returns a scalar.
     """
     b, k, _ = slots.shape
-    if k < 2:
-        return slots.sum() * 0.0  # keeps the graph (and device) without a value
     unit = F.normalize(slots, dim=-1)
     cos = unit @ unit.transpose(1, 2)  # (B, K, K)
     off = ~torch.eye(k, dtype=torch.bool, device=slots.device)
-    return F.relu(cos[:, off] - margin).mean()  # (B, K*(K-1)) -> scalar
+    return F.relu(cos[:, off] - margin).sum() / (b * k * k)  # (B, K*(K-1)) summed, / all B*K^2 pairs
 
 
 def pixel_entropy(masks, eps=1e-8):

@@ -13,8 +13,6 @@ b with true id i and predicted slot j, built with a single `bincount` over the b
 images). Truth ids are remapped to compact indices over the batch first, so large ids (COCO) cost nothing.
 """
 
-import copy
-
 import numpy as np
 import scipy.optimize
 import torch
@@ -180,6 +178,25 @@ def mbo(true_mask, pred_masks, num_background=1):
     return _mbo_from_table(table, values >= num_background)
 
 
+def mbo_class(mask, pred_masks, category=None, num_background=1):
+    """Class-level mean best overlap per image (B,) (mBO^c of DINOSAUR, Seitzer et al. 2022; OCLF's
+    segmentation_mask_abo): `mbo` over class segments, one per category present (all its objects merged).
+
+    category None: `mask` is already a class mask, the category of every pixel (ids < num_background are
+    background, -1 ignored), e.g. data.CocoDataset's class_mask, where overlapping objects give the pixel the
+    higher category id (OCLF AddSegmentationMaskFromInstanceMask). category int64 (B, E): `mask` holds entity
+    ids and category[b, i] >= 0 is the class of id i (E above every id; background entries are not read); a
+    pixel the instance mask ignores (-1, e.g. an overlap) stays ignored. NaN if the image has no foreground.
+    """
+    if category is not None:
+        if category.dim() != 2 or category.shape[0] != mask.shape[0] or (
+                mask.numel() and int(mask.max()) >= category.shape[1]):
+            raise ValueError(f"category {tuple(category.shape)} must be (B, E) with E above every id of the mask")
+        cls = torch.gather(category.long().to(mask.device), 1, mask.clamp_min(0).flatten(1)).view_as(mask)
+        mask = torch.where(mask >= num_background, num_background + cls, mask)  # classes above the background ids
+    return mbo(mask, pred_masks, num_background)
+
+
 def segmentation_metrics(true_mask, pred_masks, num_background):
     """All four metrics from one contingency table: dict of float64 (B,) tensors.
 
@@ -242,19 +259,28 @@ def _hungarian(cost, visible):
 
 
 def feature_probe(train_slots, train_targets, test_slots, test_targets, categorical=("shape",), hidden=256,
-                  lr=1e-3, batch_size=256, max_epochs=100, patience=5, val_fraction=0.1, seed=0, device="cpu"):
-    """Property prediction from frozen slots (Dittadi et al. 2021, as used by arXiv 2306.02577).
+                  lr=1e-3, batch_size=64, steps=6000, decay_steps=2000, eval_every=250, min_delta=0.01, patience=3,
+                  val_size=1000, seed=0, device="cpu"):
+    """Property prediction from frozen slots (Dittadi et al. 2021, arXiv 2107.00637, as run by arXiv 2306.02577).
 
-    One MLP (D -> hidden, ReLU -> all outputs) maps each slot to every property of an object: logits for the
-    categorical ones (classes = max train label + 1), values for the continuous ones (standardised with the
-    train mean/std of the visible objects). For each image the slots are matched to the visible objects by the
-    Hungarian algorithm on the per-pair loss L(k, e) = sum_props CE or MSE, and the MLP is trained with Adam on
-    the matched pairs' mean loss, early-stopped on a `val_fraction` part of the train images (best weights kept).
+    The defaults are the authors' protocol (robert1003/slot-attention-disentanglement 1cbd774 feature_pred.py):
+    MLP D -> 256, LeakyReLU -> all outputs; Adam, batch 64, `steps` 6000, lr 1e-3 * 0.5^(step / 2000);
+    every 250 steps the loss on the `val_size` (1000) held-out train images is computed and training stops once
+    it has improved by less than `min_delta` (0.01) at `patience` (3) evaluations in a row (checked at the end of
+    an epoch, as the authors' loop does); the final weights are scored (no best-checkpoint selection). The caller passes 11k train images (10k fit + 1k val) and 2k test images.
+
+    Outputs: logits for the categorical properties (classes = max train label + 1), values for the continuous
+    ones (standardised with the train mean/std of the visible objects). For each image the slots are matched to
+    the visible objects by the Hungarian algorithm on the per-pair loss L(k, e) = sum_props CE or MSE (mean over
+    channels), and the MLP is trained on the matched pairs' mean loss.
 
     slots: (N, K, D); targets: dict of per-object (N, E) or (N, E, C) tensors plus `visible` bool (N, E)
-    (background entities already dropped). Returns {"<name>_acc": accuracy} for categorical properties and
-    {"<name>_r2": 1 - SSE/SST} for continuous ones (SST around the test mean, channels pooled), on the test set
-    with the same Hungarian matching.
+    (background entities already dropped). Returns, on the test set with the same matching, {"<name>_acc"} for
+    categorical properties and {"<name>_r2"} for continuous ones: R^2 = 1 - SSE/SST per channel around the test
+    mean, averaged over channels (sklearn's r2_score default, as the authors score colour).
+
+    Objects outnumbering the slots: a visible object left without a slot counts as a miss: a wrong class, and
+    the train mean as its prediction (the authors' code drops it, which inflates the score when E > K).
 
     Caveat of the protocol (measured, not a bug): because the matching minimises the loss, a probe can pick for
     each object whichever slot's guess is closest, so spare slots (K > visible objects) lift the score of
@@ -269,6 +295,9 @@ def feature_probe(train_slots, train_targets, test_slots, test_targets, categori
     names = [k for k in train_targets if k != "visible"]
     if not names or any(k not in test_targets for k in names):
         raise ValueError(f"feature_probe: train properties {names} must be non-empty and present in the test targets")
+    n = train_slots.shape[0]
+    if not 0 < val_size < n:
+        raise ValueError(f"feature_probe: val_size={val_size} must be in [1, {n - 1}] for {n} train images")
     dev = torch.device(device)
     tr_vis, te_vis = train_targets["visible"].bool(), test_targets["visible"].bool()
 
@@ -299,14 +328,13 @@ def feature_probe(train_slots, train_targets, test_slots, test_targets, categori
 
     tr_y, te_y = prepare(train_targets), prepare(test_targets)
     g = torch.Generator().manual_seed(seed)
-    n = train_slots.shape[0]
     perm = torch.randperm(n, generator=g)
-    n_val = max(1, int(round(n * val_fraction))) if n > 1 else 0
-    val_idx, fit_idx = perm[:n_val], perm[n_val:]
+    val_idx, fit_idx = perm[:val_size], perm[val_size:]
 
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
-        mlp = nn.Sequential(nn.Linear(train_slots.shape[-1], hidden), nn.ReLU(), nn.Linear(hidden, start)).to(dev)
+        mlp = nn.Sequential(nn.Linear(train_slots.shape[-1], hidden), nn.LeakyReLU(),
+                            nn.Linear(hidden, start)).to(dev)
     opt = torch.optim.Adam(mlp.parameters(), lr=lr)
 
     def batch_loss(slots, y, vis, idx):
@@ -316,56 +344,61 @@ def feature_probe(train_slots, train_targets, test_slots, test_targets, categori
         b, k, e = _hungarian(cost, vis[idx])
         return cost[b, k, e], (b, k, e)
 
-    def evaluate_loss(idx):
+    def val_loss():
         with torch.no_grad():
-            parts = [batch_loss(train_slots, tr_y, tr_vis, idx[i:i + batch_size])[0]
-                     for i in range(0, len(idx), batch_size)]
+            parts = [batch_loss(train_slots, tr_y, tr_vis, val_idx[i:i + batch_size])[0]
+                     for i in range(0, len(val_idx), batch_size)]
         return torch.cat(parts).mean().item()
 
-    best, best_state, bad = float("inf"), copy.deepcopy(mlp.state_dict()), 0
-    for _ in range(max_epochs):
-        order = fit_idx[torch.randperm(len(fit_idx), generator=g)]
-        for i in range(0, len(order), batch_size):
-            pair, _ = batch_loss(train_slots, tr_y, tr_vis, order[i:i + batch_size])
-            if pair.numel() == 0:
-                continue
+    order, pos, prev, bad = fit_idx[torch.randperm(len(fit_idx), generator=g)], 0, None, 0
+    for step in range(1, steps + 1):  # the authors count steps from 1
+        if pos >= len(order):  # a new epoch; the authors' loop checks the stopping counter only here
+            if bad >= patience:
+                break
+            order, pos = fit_idx[torch.randperm(len(fit_idx), generator=g)], 0
+        idx, pos = order[pos:pos + batch_size], pos + batch_size
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 ** (step / decay_steps)
+        pair, _ = batch_loss(train_slots, tr_y, tr_vis, idx)
+        if pair.numel():
             opt.zero_grad()
             pair.mean().backward()
             opt.step()
-        val = evaluate_loss(val_idx) if n_val else -float("inf")
-        if val < best:
-            best, best_state, bad = val, copy.deepcopy(mlp.state_dict()), 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    mlp.load_state_dict(best_state)
+        if step % eval_every == 0:
+            val = val_loss()
+            bad = bad + 1 if prev is not None and prev - val < min_delta else 0
+            prev = val
 
-    # Test: match with the trained probe, then score the matched objects in original units.
-    preds, trues = {name: [] for name in names}, {name: [] for name in names}
+    # Test: match with the trained probe; every visible object gets a prediction (unmatched: a miss).
+    n_te, e_te = te_vis.shape
+    preds = {}
+    for name, kind, _, size in spec:
+        if kind == "cat":
+            preds[name] = torch.full((n_te, e_te), -1, dtype=torch.long)  # never a class: scored wrong
+        else:
+            preds[name] = stats[name][0].double().expand(n_te, e_te, size).clone()  # the train mean
     with torch.no_grad():
-        for i in range(0, test_slots.shape[0], batch_size):
-            idx = torch.arange(i, min(i + batch_size, test_slots.shape[0]))
-            s = test_slots[idx].float().to(dev)
-            out = mlp(s)
+        for i in range(0, n_te, batch_size):
+            idx = torch.arange(i, min(i + batch_size, n_te))
+            out = mlp(test_slots[idx].float().to(dev))  # (b, K, outputs)
             yb = {k: v[idx].to(dev) for k, v in te_y.items()}
             b, k, e = _hungarian(_probe_pair_loss(out, yb, spec), te_vis[idx])
             for name, kind, st, size in spec:
-                o = out[b, k, st:st + size]  # (matched, size)
+                o = out[b, k, st:st + size].cpu()  # (matched, size)
                 if kind == "cat":
-                    preds[name].append(o.argmax(-1).cpu())
-                    trues[name].append(test_targets[name][idx][b.cpu(), e.cpu()].long())
+                    preds[name][idx[b.cpu()], e.cpu()] = o.argmax(-1)
                 else:
                     mean, std = stats[name]
-                    preds[name].append((o.cpu() * std + mean).double())
-                    trues[name].append(test_targets[name][idx][b.cpu(), e.cpu()].double().reshape(-1, size))
+                    preds[name][idx[b.cpu()], e.cpu()] = (o * std + mean).double()
     result = {}
-    for name, kind, _, _ in spec:
-        p, t = torch.cat(preds[name]), torch.cat(trues[name])
+    for name, kind, _, size in spec:
+        p = preds[name][te_vis]  # (visible objects,) or (visible objects, C)
+        t = test_targets[name][te_vis]
         if kind == "cat":
-            result[f"{name}_acc"] = float((p == t).double().mean().item()) if len(t) else float("nan")
+            result[f"{name}_acc"] = float((p == t.long()).double().mean().item()) if len(t) else float("nan")
         else:
-            sse = ((p - t) ** 2).sum()
-            sst = ((t - t.mean(0)) ** 2).sum()
-            result[f"{name}_r2"] = float((1 - sse / sst).item()) if sst > 0 else float("nan")
+            t = t.double().reshape(-1, size)
+            sse = ((p - t) ** 2).sum(0)  # (C,)
+            sst = ((t - t.mean(0)) ** 2).sum(0)
+            result[f"{name}_r2"] = float((1 - sse / sst).mean().item()) if (sst > 0).all() else float("nan")
     return result

@@ -219,6 +219,34 @@ def test_miou_and_mbo_known_values():
     assert torch.isnan(metrics.mbo(torch.zeros(1, 1, 4, dtype=torch.long), pred2)).all()  # no fg object
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_mbo_class_matches_merged_segments_brute_force(seed):
+    true, pred = random_case(40 + seed, B=5, H=6, W=5, K=3, ids=6)
+    g = torch.Generator().manual_seed(seed)
+    category = torch.randint(0, 3, (5, 6), generator=g)  # three classes over ids 1..5; id 0 is background
+    got = metrics.mbo_class(true, pred, category, num_background=1)
+    for b in range(5):
+        lt, lp = ref_image(true, pred, b, 0)
+        merged = [v if v < 1 else 100 + int(category[b, v]) for v in lt]  # one segment per class
+        assert_close_nan(got[b], ref_mbo(merged, lp, 3, 1))
+
+
+def test_mbo_class_known_values():
+    # 1 x 6 image: background, two objects of class 7, one of class 2, an ignored pixel; slots [a, a, a, b, b, a]
+    true = torch.tensor([[[0, 1, 2, 3, 3, -1]]])
+    pred = torch.nn.functional.one_hot(torch.tensor([[[0, 0, 0, 1, 1, 0]]]), 2).permute(0, 3, 1, 2).float()
+    category = torch.tensor([[0, 7, 7, 2]])
+    # instances: ids 1 and 2 each best IoU 1/3 with slot a (3 pixels), id 3 IoU 1 -> (1/3 + 1/3 + 1) / 3
+    assert metrics.mbo(true, pred).item() == pytest.approx(5 / 9)
+    # classes: {1, 2} (class 7) IoU 2/3 with slot a, class 2 IoU 1 -> 5/6
+    assert metrics.mbo_class(true, pred, category).item() == pytest.approx(5 / 6)
+    # a class mask (the category per pixel, overlaps given to the higher id): the same segments
+    assert metrics.mbo_class(torch.tensor([[[0, 7, 7, 2, 2, -1]]]), pred).item() == pytest.approx(5 / 6)
+    assert torch.isnan(metrics.mbo_class(torch.zeros(1, 1, 6, dtype=torch.long), pred, category)).all()
+    with pytest.raises(ValueError, match="category"):
+        metrics.mbo_class(true, pred, category[:, :3])
+
+
 def test_segmentation_metrics_equals_individual_functions():
     true, pred = degenerate_cases()
     t2, p2 = random_case(21, B=7, H=4, W=5, K=3)
@@ -236,6 +264,8 @@ def test_average_metrics_nanmean_and_skipped():
 
 
 # --- Feature probe
+
+FAST_PROBE = dict(hidden=64, lr=3e-3, steps=300, val_size=60)  # the authors' protocol, shortened for tiny sets
 
 def probe_data(n, seed, noise=False, K=4, E=3, D=24):
     """Slots that linearly encode each visible object's properties, in a random slot order; the spare slots and
@@ -261,7 +291,7 @@ def probe_data(n, seed, noise=False, K=4, E=3, D=24):
 def test_feature_probe_recovers_linear_properties():
     tr_s, tr_t = probe_data(600, 0)
     te_s, te_t = probe_data(200, 1)
-    out = metrics.feature_probe(tr_s, tr_t, te_s, te_t, hidden=64, lr=3e-3, batch_size=64, max_epochs=30)
+    out = metrics.feature_probe(tr_s, tr_t, te_s, te_t, **FAST_PROBE)
     assert set(out) == {"shape_acc", "color_r2", "x_r2"}
     assert out["shape_acc"] > 0.9
     assert out["color_r2"] > 0.9 and out["x_r2"] > 0.9
@@ -273,7 +303,7 @@ def test_feature_probe_on_noise_is_at_chance():
     # x R^2 ~0.5; see the feature_probe docstring.)
     tr_s, tr_t = probe_data(600, 2, noise=True, K=1, E=1)
     te_s, te_t = probe_data(1000, 3, noise=True, K=1, E=1)
-    out = metrics.feature_probe(tr_s, tr_t, te_s, te_t, hidden=64, lr=3e-3, batch_size=64, max_epochs=30)
+    out = metrics.feature_probe(tr_s, tr_t, te_s, te_t, **FAST_PROBE)
     assert out["shape_acc"] < 1 / 3 + 0.08  # ~850 test objects: the standard error of chance is ~0.016
     assert out["color_r2"] < 0.05 and out["x_r2"] < 0.05
 
@@ -285,7 +315,7 @@ def test_feature_probe_ignores_invisible_objects():
     for t in (tr_t, te_t):
         t["x"] = torch.where(t["visible"], t["x"], torch.full_like(t["x"], 1e6))
         t["shape"] = torch.where(t["visible"], t["shape"], torch.full_like(t["shape"], 50))
-    out = metrics.feature_probe(tr_s, tr_t, te_s, te_t, hidden=64, lr=3e-3, batch_size=64, max_epochs=30)
+    out = metrics.feature_probe(tr_s, tr_t, te_s, te_t, **FAST_PROBE)
     assert out["shape_acc"] > 0.9 and out["x_r2"] > 0.9 and out["color_r2"] > 0.9
 
 
@@ -293,4 +323,47 @@ def test_feature_probe_rejects_missing_visible():
     tr_s, tr_t = probe_data(20, 6)
     del tr_t["visible"]
     with pytest.raises(ValueError):
-        metrics.feature_probe(tr_s, tr_t, tr_s, tr_t, max_epochs=1)
+        metrics.feature_probe(tr_s, tr_t, tr_s, tr_t, steps=1, val_size=2)
+
+
+def test_feature_probe_unmatched_visible_object_is_a_miss():
+    # One slot, two visible objects, the slot encodes object 0 exactly: one object per image must go unmatched and
+    # count as a miss (wrong class, predicted at the train mean). Dropping it instead would report ~1.0.
+    def make(n, seed):
+        s, t = probe_data(n, seed, K=2, E=2)
+        t["visible"][:] = True
+        feats = torch.cat([torch.nn.functional.one_hot(t["shape"][:, 0], 3).float(), t["color"][:, 0],
+                           t["x"][:, :1]], -1)  # (n, 7)
+        return (feats @ torch.randn(7, 24, generator=torch.Generator().manual_seed(7)))[:, None], t
+    tr_s, tr_t = make(600, 10)
+    te_s, te_t = make(400, 11)
+    out = metrics.feature_probe(tr_s, tr_t, te_s, te_t, **FAST_PROBE)
+    assert out["shape_acc"] == pytest.approx(0.5, abs=0.04)  # 400 of 800 objects matched and right
+    assert out["x_r2"] == pytest.approx(0.5, abs=0.08)  # half exact, half at the mean (R^2 ~ 0 for those)
+
+
+def test_feature_probe_r2_is_averaged_over_channels():
+    # Colour channel 0 (std 1) is encoded, channels 1 and 2 (std 0.1) are not: sklearn's per-channel average gives
+    # (1 + 0 + 0) / 3; R^2 pooled over channels would give ~0.98.
+    def make(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        color = torch.randn(n, 1, 3, generator=g) * torch.tensor([1.0, 0.1, 0.1])
+        slots = color[..., :1] * torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(3))  # (n, 1, 16)
+        return slots, {"color": color, "visible": torch.ones(n, 1, dtype=torch.bool)}
+    tr_s, tr_t = make(600, 12)
+    te_s, te_t = make(500, 13)
+    out = metrics.feature_probe(tr_s, tr_t, te_s, te_t, **FAST_PROBE)
+    assert out["color_r2"] == pytest.approx(1 / 3, abs=0.05)
+
+
+def test_feature_probe_stops_early_and_follows_the_schedule(monkeypatch):
+    # lr 1e-3 * 0.5^(step / 2000) at every step; with nothing to learn the validation loss stalls, so training
+    # stops at the first epoch end after three evaluations without an improvement of 0.01.
+    seen = []
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]),
+                                                                         real_step(self, *a, **k))[1])
+    tr_s, tr_t = probe_data(200, 14, noise=True, K=1, E=1)
+    metrics.feature_probe(tr_s, tr_t, tr_s, tr_t, hidden=8, steps=6000, eval_every=5, val_size=40, batch_size=32)
+    assert seen == pytest.approx([1e-3 * 0.5 ** (i / 2000) for i in range(1, len(seen) + 1)])
+    assert 20 <= len(seen) < 200 and len(seen) % 5 == 0  # stopped long before 6000 steps, at an epoch end
