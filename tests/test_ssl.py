@@ -1,5 +1,5 @@
 """The self-supervised core of slot_attention.py (issue 19): views, slot matching, SimSiam / SwAV training,
-attention masks, collapse guards, --frozen-core, the CLI, resume, bad flags."""
+attention masks, collapse guards, --frozen-core, the CLI, resume, bad flags, scripts/ssl_vs_recon.py."""
 import json
 import math
 import subprocess
@@ -282,3 +282,42 @@ def test_cli_subprocess_and_eval_only(tmp_path, loss):
     ev = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert ev["step"] == 3 and -1 <= ev["attn_fg_ari"] <= 1 and math.isfinite(ev["z_std"])
 
+
+# --- scripts/ssl_vs_recon.py
+
+@pytest.mark.slow
+def test_ssl_vs_recon_smoke_writes_the_table_and_reuses_the_runs(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ssl_vs_recon
+
+    argv = ["--losses", "cov", "swav", "--seeds", "0", "--steps", "2", "--decoder-steps", "2", "--eval-size", "8",
+            "--probe-train-size", "24", "--probe-val-size", "8", "--probe-test-size", "16", "--probe-steps", "5",
+            "--out-dir", str(tmp_path), "--extra-all", " ".join(TINY[2:] + ["--log-every", "1", "--eval-every", "0"])]
+    ssl_vs_recon.main(argv)
+    results = json.loads((tmp_path / "ssl_vs_recon.json").read_text())["results"]
+    cov, swav = results["cov"]["0"], results["swav"]["0"]
+    for r in (cov, swav):
+        assert (r["steps"], r["decoder_steps"]) == (2, 2)
+        for k in ("attn_fg_ari", "frozen_fg_ari", "shape_acc", "x_r2", "images_per_s"):
+            assert math.isfinite(r[k]), k
+    assert math.isfinite(cov["own_fg_ari"]) and cov["match_agree"] is None
+    assert swav["own_fg_ari"] is None and 0 <= swav["match_agree"] <= 1
+    table = (tmp_path / "ssl_vs_recon.md").read_text()
+    assert "| cov | 0 | 2 / 2 |" in table and "| swav | 0 | 2 / 2 |" in table
+    # a second call trains nothing: every run is complete, the probe is on disk
+    capsys.readouterr()
+    ssl_vs_recon.main(argv)
+    assert capsys.readouterr().out.count("nothing to do") == 4
+    assert json.loads((tmp_path / "ssl_vs_recon.json").read_text())["results"] == results
+
+
+def test_ssl_vs_recon_refuses_bad_flags(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ssl_vs_recon
+
+    with pytest.raises(SystemExit) as e:
+        ssl_vs_recon.parse_args(["--steps", "0"])
+    assert e.value.code == 2 and "--steps must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ssl_vs_recon.parse_args(["--extra-all=--crop-scale 0.9 0.1"])
+    assert "slot_attention.py refuses --loss mse" in capsys.readouterr().err
