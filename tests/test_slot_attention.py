@@ -252,7 +252,7 @@ def test_users_command_is_the_reported_covloss_run():
     assert (args.train_size, args.eval_size) == (60_000, 320)
     torch.manual_seed(0)
     model = sa.build_model(args)
-    x = data.make_dataset("shapes-colored", "train", 64).__getitems__([0, 1])["image"]
+    x = data.make_dataset("shapes-colored", "train", 64).get_batch([0, 1])["image"]
     seen, out = encoder_input(model, x)
     terms = sa.compute_loss(out, x, args)
     assert set(terms) == {"mse", "cov", "loss"}
@@ -376,7 +376,9 @@ def test_eval_only_and_probe(tmp_path):
     assert run_cli(tmp_path, "--steps", "3", "--run-name", "r", "--data", "shapes").returncode == 0
     ckpt = tmp_path / "r" / "checkpoint.pt"
     (tmp_path / "r" / "eval.json").unlink()
-    r = run_cli(tmp_path, "--eval-only", str(ckpt), "--probe", "--probe-train-size", "48", "--probe-val-size", "16",
+    # --data again: under --eval-only a given --data (CLI's shapes-binary) overrides the checkpoint's
+    r = run_cli(tmp_path, "--eval-only", str(ckpt), "--data", "shapes", "--probe", "--probe-train-size", "48",
+                "--probe-val-size", "16",
                 "--probe-test-size", "32", "--probe-steps", "20", "--eval-size", "32")
     assert r.returncode == 0, r.stderr
     ev = json.loads((tmp_path / "r" / "eval.json").read_text())
