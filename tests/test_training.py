@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -183,6 +184,56 @@ def test_eval_only_takes_test_time_settings_from_the_command_line(tmp_path, caps
         assert "--num-slots 5 ignored" in capsys.readouterr().out
 
 
+BAD_INPUT = [  # (flags, what the one error line must name); each refused before a run folder exists
+    (["--data", "no-such-set"], "no-such-set"),
+    (["--data", "/missing/clevr.h5"], "/missing/clevr.h5"),
+    (["--steps", "-1"], "--steps"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--num-slots", "0"], "--num-slots"),
+    (["--lr", "-1"], "--lr"),
+    (["--resume", "/missing/checkpoint.pt"], "/missing/checkpoint.pt"),
+    (["--eval-only", "/missing/checkpoint.pt"], "/missing/checkpoint.pt"),
+]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bad_input_is_one_error_line_naming_it(tmp_path, capsys, name):
+    """DESIGN.md, reliability: bad input is one `error:` line that names the problem (argparse may print its
+    usage above it), a non-zero exit, no traceback and no half-written run folder."""
+    module = importlib.import_module(name)
+    for flags, needle in BAD_INPUT:
+        with pytest.raises(SystemExit) as e:
+            module.main(argv(name, tmp_path / "out", "--steps", "2", *flags))
+        err = capsys.readouterr().err
+        lines = [l for l in err.splitlines() if "error:" in l]
+        assert e.value.code not in (0, None) and len(lines) == 1, (flags, err)
+        assert lines[0] == err.splitlines()[-1] and needle in lines[0] and "Traceback" not in err, (flags, err)
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), flags
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logged_lr_is_the_optimisers_and_bf16_terms_are_finite(tmp_path, name):
+    """Every train line's `lr` is the learning rate the optimiser stepped with (read from param_groups by a
+    global step hook, not recomputed), during warm-up where it changes every step; under bf16 autocast every
+    logged term is finite."""
+    module = importlib.import_module(name)
+    used = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        module.main(argv(name, tmp_path, "--steps", "4", "--warmup-steps", "3", "--run-name", "r", "--dtype", "bf16"))
+    finally:
+        hook.remove()
+    train = [r for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and len(used) == 4
+    assert [r["lr"] for r in train] == pytest.approx(used, rel=1e-6)
+    assert len(set(used)) >= 3  # warm-up: the test would not see a schedule that is computed but not applied
+    for r in train:
+        for k, v in r.items():
+            assert not isinstance(v, float) or torch.isfinite(torch.tensor(v)), (k, r)
+
+
 # --- Two processes (gloo), in-test
 
 
@@ -202,7 +253,7 @@ def spy_loaders(module, seen, kill_at=None):
             return loader
 
         def batches():
-            for i, (idx, batch) in enumerate(zip(loader.batch_sampler, loader)):
+            for i, (idx, batch) in enumerate(zip(loader.sampler, loader)):
                 seen.append(idx)
                 if i == kill_at:
                     os.kill(os.getpid(), signal.SIGUSR1)  # this rank alone: the others learn it from the reduction
