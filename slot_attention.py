@@ -43,7 +43,9 @@ Deviations (each one stated so a reader can undo it)
   - Self-supervised core: BatchNorm in the heads and Sinkhorn-Knopp see the local batch only (SimSiam uses
     SyncBN, SwAV all-reduces its codes); no SwAV queue and no frozen prototypes in the first iterations; Adam
     and this file's lr schedule instead of SimSiam's SGD / SwAV's LARS; the colour jitter applies its four
-    operations in a fixed order and turns hue by a rotation in YIQ (torchvision: random order, HSV hue).
+    operations in a fixed order and turns hue by a rotation in YIQ (torchvision: random order, HSV hue); no
+    random grayscale (p 0.2) or Gaussian blur (p 0.5) of SimSiam's views (main_simsiam.py): not tried on
+    these small synthetic scenes, whose objects differ mostly by colour.
   - The authors' cMdSprites data is DeepMind's multi_dsprites colored_on_colored file (accepted by path);
     the built-in shapes-colored is a generated look-alike, so figures on it are not the paper's.
 
