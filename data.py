@@ -57,13 +57,14 @@ def _samples(self, indices):
 #   shapes-binary   64 px, 2-3 white sprites on black (binarized)
 #   tetrominoes     35 px, 3 of the 19 fixed tetrominoes, 5x5-px blocks on the 7x7
 #                   cell grid, 6 colours on black
+#   clevr-lite      64 px, 3-6 shaded CLEVR objects, ray cast (its own section below)
 # Image i of a split is a pure function of (seed, split, i): every random number is
 # a counter-based hash of (seed, set name, split, i, draw number), so a batch is
 # generated in one vectorised call and an image does not depend on the batch it is
 # fetched in; splits (and sets) are independent streams.
 # Masks are exact: the mask names the entity whose colour the pixel has.
 
-BUILTIN = ("shapes", "shapes-colored", "shapes-binary", "tetrominoes")
+BUILTIN = ("shapes", "shapes-colored", "shapes-binary", "tetrominoes", "clevr-lite")  # clevr-lite: see its section
 
 # Sprite sets: (fewest objects, most objects, colour scheme).
 _SPRITE_SETS = {
@@ -352,8 +353,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
 def make_synthetic(name, split, resolution=None, seed=0, size=None, device="cpu", **options):
     """The built-in set `name` (one of BUILTIN) for `split`.
 
-    resolution: output side in pixels (None: 64 for sprites, 35 for tetrominoes);
-    sprites are rasterised directly at that size, tetrominoes resized nearest.
+    resolution: output side in pixels (None: 64 for sprites and clevr-lite, 35 for tetrominoes);
+    sprites and clevr-lite are drawn directly at that size, tetrominoes resized nearest.
     size: number of items (default train 1,000,000, val and test 1,000).
     device: where batches are generated (and returned).
     """
@@ -374,8 +375,526 @@ def make_synthetic(name, split, resolution=None, seed=0, size=None, device="cpu"
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise DataError(f"{name}: device {device!r} is invalid; expected e.g. 'cpu' or 'cuda'") from None
+    if name == "clevr-lite":
+        return ClevrLiteDataset(split, resolution, seed, size, device)
     return SyntheticDataset(name, split, resolution, seed, size, device)
 
+
+# --- CLEVR-lite: a CLEVR-like set, ray cast in torch
+#
+# clevr-lite: 3-6 cubes, spheres and cylinders (CLEVR6-like) in CLEVR's 8 colours and 2 sizes,
+# rubber (matte) or metal (specular, mirror-like), on a grey ground plane, seen by CLEVR's camera
+# through the CLEVR6 crop (rows 29:221, cols 64:256 of the 320x240 frame). Native 64 px; any
+# resolution is rendered directly (128 for the CLEVR decoders). One ray per pixel finds the first
+# hit (exact instance masks, ids 1..n in drawing order); shading: ambient, three lamps, a sun whose
+# light one shadow ray per pixel tests. docs/clevr_lite.md lists what differs from CLEVR.
+# Every primitive sits on the ground and is seen from above, so only what a camera above the
+# ground can see is intersected: a cylinder's side and top cap, a box's top and sides.
+
+_CLEVR_COLOURS = torch.tensor([  # clevr-dataset-gen image_generation/data/properties.json "colors"
+    [87, 87, 87], [173, 35, 35], [42, 75, 215], [29, 105, 20],  # gray red blue green
+    [129, 74, 25], [129, 38, 192], [41, 208, 208], [255, 238, 51]]) / 255.0  # brown purple cyan yellow
+_CLEVR_SIZES = (0.35, 0.7)  # properties.json "sizes": small, large (a cube's half side is size / sqrt 2)
+# shape ids 0 cube, 1 sphere, 2 cylinder and material ids 0 rubber, 1 metal: properties.json's order
+_CLEVR_RANGE = 3.0  # render_images.py: x, y = random.uniform(-3, 3)
+_CLEVR_MIN_DIST = 0.25  # render_images.py --min_dist: centre distance minus both radii
+_CLEVR_MARGIN = 0.4  # render_images.py --margin: separation along the camera's left and behind axes
+_CLEVR_MIN_PIXELS = 200  # render_images.py --min_pixels_per_object, in the 320x240 frame
+_CLEVR_TRIES = 32  # placements tried per object (render_images.py --max_retries 50 before a restart)
+_CLEVR_ATTEMPTS = 6  # whole scenes drawn before the last one is kept as it is (CLEVR restarts forever)
+# kubric challenges/movi/movi_ab_worker.py --camera clevr: position (without its jitter), look_at origin
+_CLEVR_CAMERA = (7.48113, -6.50764, 5.34367)
+_CLEVR_FOCAL = 350.0  # pixels of the 320-px frame: focal_length=35, sensor_width=32 (same file), 35 / 32 * 320
+_CLEVR_SUN = (11.6608, -6.62799, 25.8232)  # kubric kubric/assets/utils.py get_clevr_lights: sun position
+# Lighting is ours (CLEVR path-traces Blender area lamps): Lambert and Blinn-Phong terms in linear
+# RGB, encoded with gamma 2 (sRGB: ~2.2) like Blender's sRGB output, so CLEVR's albedos (linear in Blender)
+# come out about as light as in CLEVR's images. Lamps: kubric get_clevr_lights' key (0xffedd0),
+# fill (0xc2d0ff) and back lamps (position, colour, intensity at the origin), as point lights
+# whose light falls off as 1 / distance.
+_CLEVR_LAMPS = (((6.44671, -2.90517, 4.2584), (1.0, 237 / 255, 208 / 255), 0.2),
+                ((-4.67112, -4.0136, 3.01122), (194 / 255, 208 / 255, 1.0), 0.08),
+                ((-1.1685, 2.64602, 5.81574), (1.0, 1.0, 1.0), 0.07))
+_CLEVR_AMBIENT, _CLEVR_SUN_I = 0.07, 0.25  # ambient and sun (directional, shadowed) intensity
+_CLEVR_FLOOR = 0.42  # ground albedo: lit, it reads 0.38 (top row) to 0.54 (bottom); CLEVR's crops ~0.41 to ~0.55
+_CLEVR_SKY, _CLEVR_GROUND = 0.08, 0.3  # what a metal mirrors above and below the horizon (linear)
+_CLEVR_DRAWS = 5 + 2 * _CLEVR_TRIES  # per object slot: shape, size, colour, material, yaw, tries
+_CLEVR_CHUNK = 256  # images rendered together (keeps the working set in cache)
+_ID_BITS, _ID_MASK = 3, 7  # a depth key holds the object id (< 8) in its low bits
+
+
+def _unit(v, dim=-1):
+    return v / v.norm(dim=dim, keepdim=True)
+
+
+# Every per-pixel and per-object value is computed with IEEE-exact operations (+ - * / sqrt) in a
+# fixed order, never with a vectorised transcendental function or a matrix product, whose last bit
+# can depend on where an element sits in a vector: so an image does not depend on its batch.
+
+def _dot3(a, b):
+    """a . b over 3 components given as sequences (rows or numbers), summed in a fixed order."""
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+def _ipow(x, n):
+    """x ** n for an integer n >= 1 by repeated squaring (exact products, no pow())."""
+    out = None
+    while n:
+        if n & 1:
+            out = x if out is None else out * x
+        n >>= 1
+        x = x * x if n else x
+    return out
+
+
+class _ClevrCamera:
+    """The fixed camera and the per-pixel constants of one resolution.
+
+    Ray of pixel (row i, col j): O + t d with d = f + U_j right + V_i down, where (U, V) are the
+    pixel centre's offsets from the optical axis in units of the focal length in the 320x240
+    frame, through the CLEVR6 crop; t is the depth along the viewing axis f.
+    """
+
+    def __init__(self, res, device):
+        top, left, side = _CLEVR_CROP
+        frame_h, frame_w = _CLEVR_SIZE
+        o = torch.tensor(_CLEVR_CAMERA, dtype=torch.float64)
+        f = _unit(-o)  # looks at the origin
+        right = _unit(torch.linalg.cross(f, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)))
+        down = torch.linalg.cross(f, right)
+        centres = (torch.arange(res, dtype=torch.float64) + 0.5) * side / res  # (res,) in frame pixels
+        u = (left + centres - frame_w / 2) / _CLEVR_FOCAL  # (res,) columns
+        v = (top + centres - frame_h / 2) / _CLEVR_FOCAL  # (res,) rows
+        d = f + u[None, :, None] * right + v[:, None, None] * down  # (res, res, 3)
+        d = d.reshape(-1, 3).T  # (3, P)
+        self.res = res
+        t_floor = -o[2] / d[2]  # (P,) every ray goes down, so every pixel sees the ground
+        # Rows: dx, dy, dz, |d_xy|^2, |d|^2, 1/dz, t of the ground, d / |d| (3).
+        view = _unit(d, 0)
+        table = torch.cat([d, torch.stack([d[0] ** 2 + d[1] ** 2, (d * d).sum(0), 1 / d[2], t_floor]), view])
+        self.table = table.float().to(device)  # (10, P)
+        ground = o[:, None] + t_floor * d  # (3, P) ground points
+        normal = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64).expand_as(ground)
+        albedo = torch.full_like(ground, _CLEVR_FLOOR)
+        no = torch.zeros(ground.shape[1], dtype=torch.bool)
+        lit, dark = (_clevr_shade(ground, normal, view, albedo, no, no | s) for s in (False, True))
+        self.floor_lit = lit.float().to(device)  # (3, P)
+        self.floor_dark = dark.float().to(device)
+        self.floor_colour = lit.mean(1).float().to(device)  # (3,) the background entity's colour
+        self.sun = _unit(torch.tensor(_CLEVR_SUN, dtype=torch.float64)).float().to(device)
+        self.o = o.float().to(device)  # (3,)
+        self.axes = torch.stack([f, right, down]).tolist()  # rows: the camera's axes (python floats)
+        # Ground axes of render_images.py's margin rule: the camera's left and behind, flattened.
+        self.ground_axes = torch.stack([_unit(-right * torch.tensor([1.0, 1, 0], dtype=torch.float64))[:2],
+                                        _unit(f * torch.tensor([1.0, 1, 0], dtype=torch.float64))[:2]]).tolist()
+
+    def project(self, p):
+        """World points (..., 3) -> (x, y) in [0, 1] image coordinates (x = column, y = row) and depth."""
+        top, left, side = _CLEVR_CROP
+        frame_h, frame_w = _CLEVR_SIZE
+        v = [p[..., i] - self.o[i] for i in range(3)]
+        depth, rt, dn = (_dot3(v, a) for a in self.axes)  # (...,) each
+        x = (rt / depth * _CLEVR_FOCAL + frame_w / 2 - left) / side
+        y = (dn / depth * _CLEVR_FOCAL + frame_h / 2 - top) / side
+        return x, y, depth
+
+
+_CLEVR_CAMERAS = {}
+
+
+def _clevr_camera(res, device):
+    key = (res, str(device))
+    if key not in _CLEVR_CAMERAS:
+        _CLEVR_CAMERAS[key] = _ClevrCamera(res, device)
+    return _CLEVR_CAMERAS[key]
+
+
+def _clevr_shade(x, n, view, albedo, metal, shadow):
+    """Colour (3, F) of surface points x (3, F) with unit normals n (3, F), seen along unit view
+    rays (3, F); albedo (3, F), metal and shadow (F,) bool.
+
+    Rubber: albedo * (ambient + the lamps' and the sun's Lambert terms) + a faint Blinn-Phong sheen.
+    Metal: a little diffuse light, a mirror-like environment (the reflected ray sees the lit
+    ground below the horizon and a dim sky above) and sharp highlights, tinted by the albedo as a
+    metal's reflections are, plus a little white. The sun is blocked where `shadow` is set.
+    """
+    dt, dev = x.dtype, x.device
+    dot = _dot3
+    unit = lambda v: v * dot(v, v).rsqrt()  # (3, F) (a norm over the 3 rows is far slower)
+    sun = _unit(torch.tensor(_CLEVR_SUN, dtype=dt, device=dev))[:, None]  # (3, 1)
+    lit = (~shadow).to(dt)
+    light = (_CLEVR_AMBIENT + _CLEVR_SUN_I * lit * dot(n, sun).clamp(min=0)).expand(3, -1)  # (3, F)
+    gloss = [lit * dot(n, unit(sun - view)).clamp(min=0)]  # Blinn cosines: sun, then each lamp
+    for pos, colour, power in _CLEVR_LAMPS:
+        to = torch.tensor(pos, dtype=dt, device=dev)[:, None] - x  # (3, F)
+        inv = dot(to, to).rsqrt()
+        l = to * inv
+        falloff = power * math.sqrt(sum(c * c for c in pos)) * inv  # `power` at the origin
+        light = light + (falloff * dot(n, l).clamp(min=0)) * torch.tensor(colour, dtype=dt, device=dev)[:, None]
+        gloss.append(dot(n, unit(l - view)).clamp(min=0))
+    gloss = torch.stack(gloss)  # (4, F)
+    sheen = _ipow(gloss, 8)  # Blinn-Phong exponents 8 (rubber) and 64 (metal), by repeated squaring
+    spot = _ipow(sheen, 8)
+    rubber = albedo * light + 0.04 * (((sheen[0] + sheen[1]) + sheen[2]) + sheen[3])
+    refl_z = view[2] - 2 * dot(view, n) * n[2]  # height of the mirror direction
+    env = _CLEVR_SKY + (_CLEVR_GROUND - _CLEVR_SKY) * ((0.1 - refl_z) / 0.3).clamp(0, 1)  # sky, then ground
+    highlight = 2.0 * lit * spot[0] + ((spot[1] + spot[2]) + spot[3])
+    shiny = albedo * (0.1 * light + env + highlight) + 0.3 * highlight
+    return torch.where(metal, shiny, rubber).clamp(0, 1).sqrt()  # gamma 2 encoding (sRGB's is ~2.2)
+
+
+def _clevr_scene(u, cam):
+    """Scenes from uniforms u (B, 1 + 6 * _CLEVR_DRAWS): CLEVR's sampling (render_images.py) for
+    3-6 objects. Each object takes the first of _CLEVR_TRIES positions, uniform in [-3, 3]^2, whose
+    centre is in view and that keeps CLEVR's distance and margin to every object placed before it;
+    an object with no such position is dropped. Placed objects come first, in drawing order.
+    Returns a dict of (B, 6) tensors (x, y: world ground position; `present`: placed).
+    """
+    B, K, T, dev = u.shape[0], 6, _CLEVR_TRIES, u.device
+    count = 3 + (u[:, 0] * 4).long()  # (B,) 3..6
+    d = u[:, 1:].reshape(B, K, _CLEVR_DRAWS)
+    shape = (d[..., 0] * 3).long()  # (B, K) 0 cube, 1 sphere, 2 cylinder
+    size = torch.tensor(_CLEVR_SIZES, device=dev)[(d[..., 1] * 2).long()]
+    half = torch.where(shape == 0, size / math.sqrt(2), size)  # cube half side / radius = centre height
+    yaw = d[..., 4] * (2 * math.pi)  # render_images.py: theta = 360 * random.random() (degrees)
+    tries = ((d[..., 5:] * 2 - 1) * _CLEVR_RANGE).reshape(B, K, T, 2)  # (B, K, T, 2)
+    px, py, _ = cam.project(torch.cat([tries, half[..., None, None].expand(B, K, T, 1)], -1))
+    ok = (px > 0) & (px < 1) & (py > 0) & (py < 1)  # (B, K, T) centre in view
+    ok &= (torch.arange(K, device=dev) < count[:, None])[..., None]
+    (lx, ly), (bx, by) = cam.ground_axes
+    tx, ty = tries[..., 0], tries[..., 1]
+    along = torch.stack([tx * lx + ty * ly, tx * bx + ty * by], -1)  # (B, K, T, 2)
+    pos = torch.zeros(B, K, 2, device=dev)
+    pos_along = torch.zeros(B, K, 2, device=dev)
+    placed = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    for k in range(K):  # sequential, as in CLEVR: each object checks those placed before it
+        free = ok[:, k]  # (B, T)
+        if k:
+            # CLEVR compares the new object's size with the earlier ones' stored radius (size/sqrt 2 for cubes)
+            dx = tries[:, k, :, None, 0] - pos[:, None, :k, 0]  # (B, T, k)
+            dy = tries[:, k, :, None, 1] - pos[:, None, :k, 1]
+            gap = (dx * dx + dy * dy).sqrt() - size[:, k, None, None] - half[:, None, :k]
+            near = (along[:, k, :, None] - pos_along[:, None, :k]).abs() < _CLEVR_MARGIN  # (B, T, k, 2)
+            clash = (gap < _CLEVR_MIN_DIST) | near.any(-1)  # (B, T, k)
+            free = free & ~(clash & placed[:, None, :k]).any(-1)
+        first = free.int().argmax(1)[:, None, None].expand(B, 1, 2)  # first free try
+        pos[:, k] = tries[:, k].gather(1, first)[:, 0]
+        pos_along[:, k] = along[:, k].gather(1, first)[:, 0]
+        placed[:, k] = free.any(1)
+    order = torch.sort((~placed).int(), dim=1, stable=True).indices  # placed objects first
+    take = lambda x: x.gather(1, order if x.dim() == 2 else order[..., None].expand_as(x))
+    return {"present": take(placed), "shape": take(shape), "size": take(size), "half": take(half),
+            "colour": take((d[..., 2] * 8).long()), "material": take((d[..., 3] * 2).long()),
+            # cos and sin in float64, then rounded: a last-bit difference of a vectorised cos
+            # cannot reach float32 (in practice), so an image does not depend on its batch
+            "yaw": take(yaw), "cos": take(torch.cos(yaw.double()).float()),
+            "sin": take(torch.sin(yaw.double()).float()),
+            "pos": take(pos)}
+
+
+def _rectangles(r0, r1, c0, c1, res):
+    """Every pixel of the rectangles n = rows r0[n]..r1[n] x columns c0[n]..c1[n] of a res x res
+    image (empty if r1 < r0 or c1 < c0), rectangle by rectangle, row-major: (rectangle index,
+    flat pixel index row * res + column), each (F,)."""
+    h, w = (r1 - r0 + 1).clamp(min=0), (c1 - c0 + 1).clamp(min=0)
+    n = h * w  # (N,)
+    rect = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)  # (F,)
+    start, wr, base = torch.stack([n.cumsum(0) - n, w, r0 * res + c0]).index_select(1, rect)  # (F,) each
+    local = torch.arange(len(rect), device=n.device) - start  # index within its rectangle
+    # row = local // w in float32: exact, as (local + 0.5) / w lies >= 0.5 / w from an integer
+    # (and int64 division is not vectorised)
+    row = ((local + 0.5) / wr).floor_().long()
+    return rect, base + row * (res - wr) + local
+
+
+def _clevr_bounds(centre, radius, height, cam, shadow):
+    """Pixel rows/columns (r0, r1, c0, c1) (N,) that may see objects standing on the ground inside
+    the vertical box centre (N, 2) +- radius, z in [0, height] (or, with shadow=True, that box swept
+    along the sun's rays down to the ground), from its projected corners."""
+    n, dev = len(centre), centre.device
+    sx = torch.tensor([-1.0, 1.0, -1.0, 1.0], device=dev)
+    sy = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=dev)
+    foot = centre[:, None, :] + radius[:, None, None] * torch.stack([sx, sy], 1)  # (N, 4, 2)
+    z = torch.zeros(n, 4, 1, device=dev)
+    pts = [torch.cat([foot, z], -1), torch.cat([foot, z + height[:, None, None]], -1)]
+    if shadow:  # where the top's shadow falls on the ground
+        shift = -cam.sun[:2] / cam.sun[2] * height[:, None, None]  # (N, 1, 2)
+        pts.append(torch.cat([foot + shift, z], -1))
+    x, y, _ = cam.project(torch.cat(pts, 1))  # (N, 8 or 12)
+    res = cam.res
+    # pixel j's centre is at (j + 0.5) / res: the corners' hull covers pixels ceil(x res - 0.5) ..
+    eps = 1e-3  # a sliver of slack for rounding; exactness is kept by the intersection tests
+    c0 = torch.ceil(x.min(1).values * res - 0.5 - eps).long().clamp(min=0)
+    c1 = torch.floor(x.max(1).values * res - 0.5 + eps).long().clamp(max=res - 1)
+    r0 = torch.ceil(y.min(1).values * res - 0.5 - eps).long().clamp(min=0)
+    r1 = torch.floor(y.max(1).values * res - 0.5 + eps).long().clamp(max=res - 1)
+    return r0, r1, c0, c1
+
+
+def _clevr_params(scene, cam):
+    """Per-object constants of the intersection tests, (12, B*6), object o = 6 b + k.
+    Rows: L = C - O (3), radius or half side, height, cos yaw, sin yaw, |L|^2 - r^2,
+    |L_xy|^2 - r^2, L along the box's two ground axes, height - O_z."""
+    half, pos = scene["half"].reshape(-1), scene["pos"].reshape(-1, 2)
+    o = cam.o
+    lx, ly, lz = pos[:, 0] - o[0], pos[:, 1] - o[1], half - o[2]  # the centre is at height `half`
+    cos, sin = scene["cos"].reshape(-1), scene["sin"].reshape(-1)
+    lxy2 = lx * lx + ly * ly
+    return torch.stack([lx, ly, lz, half, 2 * half, cos, sin, lxy2 + lz * lz - half * half, lxy2 - half * half,
+                        cos * lx + sin * ly, cos * ly - sin * lx, 2 * half - o[2]])
+
+
+def _hit_sphere(p, d, oz):
+    """Depth t (F,) of the first hit of rays d (7, F) (camera table rows) with spheres p (12, F); inf if missed.
+    |t d - L|^2 = r^2:  t = (b - sqrt(b^2 - a c)) / a, a = |d|^2, b = d.L, c = |L|^2 - r^2."""
+    b = d[0] * p[0] + d[1] * p[1] + d[2] * p[2]
+    disc = b * b - d[4] * p[7]
+    t = (b - disc.clamp(min=0).sqrt()) / d[4]
+    return torch.where(disc >= 0, t, math.inf)
+
+
+def _hit_cylinder(p, d, oz):
+    """Vertical cylinders of radius r, z in [0, h]: the side (the quadratic in x, y) where the
+    entry point's height is in [0, h], else the top cap (the plane z = h within radius r)."""
+    b = d[0] * p[0] + d[1] * p[1]
+    disc = b * b - d[3] * p[8]
+    ts = (b - disc.clamp(min=0).sqrt()) / d[3]
+    zs = oz + ts * d[2]
+    side = (disc >= 0) & (zs <= p[4]) & (zs >= 0)
+    tc = p[11] * d[5]  # (h - O_z) / d_z
+    ex, ey = tc * d[0] - p[0], tc * d[1] - p[1]
+    cap = (ex * ex + ey * ey <= p[3] * p[3]) & (zs > p[4])
+    return torch.where(side, ts, torch.where(cap, tc, math.inf))
+
+
+def _hit_cube(p, d, oz):
+    """Boxes of half side a, rotated by yaw about the vertical: slabs along the two ground axes
+    (u.(t d - L) in [-a, a]) and z in [0, h]; hit where the latest entry precedes the earliest exit."""
+    q1 = p[5] * d[0] + p[6] * d[1]  # ray direction along the box axes
+    q2 = p[5] * d[1] - p[6] * d[0]
+    i1, i2 = 1 / q1, 1 / q2
+    ta, tb = (p[9] - p[3]) * i1, (p[9] + p[3]) * i1
+    tc, td = (p[10] - p[3]) * i2, (p[10] + p[3]) * i2
+    near = torch.maximum(torch.maximum(torch.minimum(ta, tb), torch.minimum(tc, td)), p[11] * d[5])
+    far = torch.minimum(torch.minimum(torch.maximum(ta, tb), torch.maximum(tc, td)), d[6])  # d[6]: ground
+    return torch.where(near <= far, near, math.inf)
+
+
+_HITS = (_hit_cube, _hit_sphere, _hit_cylinder)
+_NO_HIT = 0x7F800000 << _ID_BITS  # depth key of +inf, id 0: pixels keeping it see the ground (a
+# missed ray's key, +inf or NaN bits with the object's id, is larger)
+
+
+def _clevr_depth(scene, cam):
+    """First hit of every pixel: depth keys (B, P) int64, (float32 bits of t) << 3 | mask id, so
+    the smallest key is the nearest object (ties: the lower id); _NO_HIT where no object is hit.
+    Only the pixels inside each object's projected bounding box are tested."""
+    present, shape = scene["present"].reshape(-1), scene["shape"].reshape(-1)
+    B, K = scene["shape"].shape
+    P, dev = cam.res * cam.res, present.device
+    par = _clevr_params(scene, cam)
+    keys = torch.full((B * P,), _NO_HIT, dtype=torch.int64, device=dev)
+    for s, hit in enumerate(_HITS):
+        objs = torch.nonzero(present & (shape == s))[:, 0]  # (n,) objects o = 6 b + k
+        r0, r1, c0, c1 = _clevr_bounds(scene["pos"].reshape(-1, 2)[objs], par[3, objs], par[4, objs], cam, False)
+        rect, pix = _rectangles(r0, r1, c0, c1, cam.res)  # (F,) each
+        t = hit(par[:, objs].index_select(1, rect), cam.table[:7].index_select(1, pix), cam.o[2].item())
+        ids, at = torch.stack([objs % K + 1, objs // K * P]).index_select(1, rect)  # mask id, image offset
+        keys.scatter_reduce_(0, at + pix, (t.view(torch.int32).long() << _ID_BITS) | ids, "amin")
+    return keys.reshape(B, P)
+
+
+def _shadow_sphere(p, x, sun):
+    """Whether the ray X + s sun (s > 0) from surface points X meets spheres p (12, F); x = X - C
+    (3, F): with b = -x.sun, b > 0 and b^2 >= |x|^2 - r^2."""
+    b = -(x[0] * sun[0] + x[1] * sun[1] + x[2] * sun[2])
+    return (b > 0) & (b * b >= x[0] * x[0] + x[1] * x[1] + x[2] * x[2] - p[3] * p[3])
+
+
+def _prism_segment(p, x, sun):
+    """A vertical prism on the ground is crossed by the ray x + s sun iff, in plan view, the ray's
+    ground track from height x_z up to the top h, x_xy + (z - x_z) sun_xy / sun_z, meets its
+    footprint. x = X - C (3, F). Returns the track's start and extent relative to the centre in
+    plan view, and whether X is below the top."""
+    rise = (p[3] - x[2]) / sun[2]  # (h - X_z) / sun_z: the centre is at height h / 2 = p[3]
+    return x[0], x[1], rise * sun[0], rise * sun[1], rise > 0
+
+
+def _shadow_cylinder(p, x, sun):
+    """Track from a to a + e (relative to the axis) within radius r: the closest point a + s e,
+    s = clamp(-a.e / e.e, 0, 1)."""
+    ax, ay, ex, ey, up = _prism_segment(p, x, sun)
+    s = (-(ax * ex + ay * ey) / (ex * ex + ey * ey)).clamp(0, 1)
+    cx, cy = ax + s * ex, ay + s * ey
+    return up & (cx * cx + cy * cy <= p[3] * p[3])
+
+
+def _shadow_cube(p, x, sun):
+    """Track within the rotated square |u|, |v| <= a (Liang-Barsky clipping of s in [0, 1])."""
+    ax, ay, ex, ey, up = _prism_segment(p, x, sun)
+    cos, sin, a = p[5], p[6], p[3]
+    lo, hi = torch.zeros_like(ax), torch.ones_like(ax)
+    for start, ext in ((cos * ax + sin * ay, cos * ex + sin * ey), (cos * ay - sin * ax, cos * ey - sin * ex)):
+        t0, t1 = (-a - start) / ext, (a - start) / ext
+        lo, hi = torch.maximum(lo, torch.minimum(t0, t1)), torch.minimum(hi, torch.maximum(t0, t1))
+    return up & (lo <= hi)
+
+
+_SHADOWS = (_shadow_cube, _shadow_sphere, _shadow_cylinder)
+
+
+def _depth_of(keys):
+    """Depth t (float32) from depth keys (any shape)."""
+    return (keys >> _ID_BITS).to(torch.int32).view(torch.float32)
+
+
+def _clevr_shadows(scene, cam, keys, mask):
+    """Whether the sun is hidden from the surface each pixel sees: bool (B*P,). The pixels in
+    each object's shadow box test one ray towards the sun against that object (an object's own
+    surface is left to its Lambert term: a convex solid cannot shadow itself)."""
+    present, shape = scene["present"].reshape(-1), scene["shape"].reshape(-1)
+    B, K = scene["shape"].shape
+    P, dev = cam.res * cam.res, present.device
+    par = _clevr_params(scene, cam)
+    flat_mask, flat_keys = mask.reshape(-1), keys.reshape(-1)
+    shadow = torch.zeros(B * P, dtype=torch.bool, device=dev)
+    for s, test in enumerate(_SHADOWS):
+        objs = torch.nonzero(present & (shape == s))[:, 0]
+        r0, r1, c0, c1 = _clevr_bounds(scene["pos"].reshape(-1, 2)[objs], par[3, objs], par[4, objs], cam, True)
+        rect, pix = _rectangles(r0, r1, c0, c1, cam.res)
+        ids, at = torch.stack([objs % K + 1, objs // K * P]).index_select(1, rect)
+        at = at + pix  # (F,) flat pixel of the batch
+        seen = flat_mask.index_select(0, at)  # the id each pixel sees
+        keep = torch.nonzero(seen != ids)[:, 0]  # not the object's own surface
+        rect, pix, at, seen = torch.stack([rect, pix, at, seen]).index_select(1, keep)
+        d = cam.table[:7].index_select(1, pix)  # (7, F)
+        t = torch.where(seen > 0, _depth_of(flat_keys.index_select(0, at)), d[6])
+        p = par[:, objs].index_select(1, rect)
+        x = [t * d[i] - p[i] for i in range(3)]  # the surface point relative to the object's centre
+        shadow[at[test(p, torch.stack(x), cam.sun)]] = True
+    return shadow
+
+
+def _clevr_normals(shape, rel, half, cos, sin):
+    """Outward unit normals (3, F) at surface points rel = X - C (3, F): a sphere's radial one; a
+    cylinder's top (strictly inside the rim) or radial side; a box's face whose axis holds the
+    largest |coordinate| (every face is at distance `half` from the centre)."""
+    zero, one = torch.zeros_like(half), torch.ones_like(half)
+    sphere = rel / half
+    top = rel[0] ** 2 + rel[1] ** 2 < (half * (1 - 1e-3)) ** 2
+    cylinder = torch.where(top, torch.stack([zero, zero, one]), torch.stack([rel[0], rel[1], zero]) / half)
+    q1, q2 = cos * rel[0] + sin * rel[1], cos * rel[1] - sin * rel[0]
+    a1, a2, a3 = q1.abs(), q2.abs(), rel[2].abs()
+    cube = torch.where((a3 >= a1) & (a3 >= a2), torch.stack([zero, zero, torch.sign(rel[2])]),
+                       torch.where(a1 >= a2, torch.sign(q1) * torch.stack([cos, sin, zero]),
+                                   torch.sign(q2) * torch.stack([-sin, cos, zero])))
+    return torch.where(shape == 0, cube, torch.where(shape == 1, sphere, cylinder))
+
+
+def _render_clevr_lite(seed, split, idx, cam):
+    """A batch of clevr-lite items for indices idx (B,) (see ClevrLiteDataset).
+
+    CLEVR re-draws a scene until every object is placed and shows >= 200 pixels (320x240 frame);
+    here a scene is re-drawn (attempt a uses the independent stream "clevr-lite/a") until every
+    drawn object is placed and shows >= 200 * (res / 192)^2 pixels (the same area in the crop),
+    at most _CLEVR_ATTEMPTS times; the last attempt is kept as it is.
+    """
+    B, K, P, dev = len(idx), 6, cam.res * cam.res, idx.device
+    need = _CLEVR_MIN_PIXELS * (cam.res / _CLEVR_CROP[2]) ** 2  # CLEVR's area, in this view's pixels
+    pending = torch.arange(B, device=dev)
+    for attempt in range(_CLEVR_ATTEMPTS):
+        u = _uniforms(seed, f"clevr-lite/{attempt}", split, idx[pending], 1 + K * _CLEVR_DRAWS)
+        sc = _clevr_scene(u, cam)
+        k = _clevr_depth(sc, cam)  # (n, P)
+        m = k & _ID_MASK
+        sc["counts"] = torch.zeros(len(m), K + 1, dtype=torch.int64, device=dev).scatter_add_(
+            1, m, torch.ones(1, 1, dtype=torch.int64, device=dev).expand_as(m))  # (n, 7) pixels per id
+        drawn = 3 + (u[:, 0] * 4).long()  # objects drawn (the placed ones come first)
+        ok = (sc["present"].sum(1) == drawn) & ((sc["counts"][:, 1:] >= need) | ~sc["present"]).all(1)
+        if attempt == 0:
+            scene, keys = sc, k
+        else:  # replace the failed scenes of the previous attempt
+            ok |= attempt == _CLEVR_ATTEMPTS - 1
+            for key, v in sc.items():
+                scene[key][pending[ok]] = v[ok]
+            keys[pending[ok]] = k[ok]
+        pending = pending[~ok]
+        if not len(pending):
+            break
+
+    mask = keys & _ID_MASK  # (B, P); the ground's key _NO_HIT has id 0
+    shadow = _clevr_shadows(scene, cam, keys, mask)  # (B*P,)
+    image = cam.floor_lit.repeat(B, 1, 1)  # (B, 3, P)
+    dark = torch.nonzero((shadow & (mask.reshape(-1) == 0)).reshape(B, P))  # (S, 2) ground in shadow
+    image[dark[:, :1], :, dark[:, 1:]] = cam.floor_dark.T[dark[:, 1:]]
+    at = torch.nonzero(mask.reshape(-1) > 0)[:, 0]  # (F,) object pixels
+    b = torch.div(at, P, rounding_mode="floor")
+    pix, obj = at - b * P, b * K + mask.reshape(-1).index_select(0, at) - 1
+    d = cam.table.index_select(1, pix)  # (10, F)
+    x = cam.o[:, None] + _depth_of(keys.reshape(-1).index_select(0, at)) * d[:3]  # (3, F) surface points
+    per_object = torch.cat([scene["pos"].reshape(-1, 2).T, torch.stack([scene[k].reshape(-1).float() for k in (
+        "half", "cos", "sin", "shape", "material")]), _CLEVR_COLOURS.to(dev)[scene["colour"].reshape(-1)].T])  # (10, N)
+    cx, cy, half, cos, sin, shape, metal, *albedo = per_object.index_select(1, obj)  # (F,) each
+    normal = _clevr_normals(shape, x - torch.stack([cx, cy, half]), half, cos, sin)
+    rgb = _clevr_shade(x, normal, d[7:], torch.stack(albedo), metal == 1, shadow.index_select(0, at))
+    image[b, :, pix] = rgb.T
+
+    present = scene["present"]
+    visible = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev),
+                         present & (scene["counts"][:, 1:] >= _MIN_VISIBLE)], 1)
+    position = torch.cat([scene["pos"], scene["half"][..., None]], -1) * present[..., None]  # (B, K, 3)
+    px, py, _ = cam.project(position)
+    col = lambda bg, v: torch.cat([torch.full((B, 1) + v.shape[2:], bg, dtype=v.dtype, device=dev), v], 1)
+    absent = ~present
+    return {
+        "image": image.reshape(B, 3, cam.res, cam.res), "mask": mask.reshape(B, cam.res, cam.res), "visible": visible,
+        "shape": col(-1, scene["shape"].masked_fill(absent, -1)),
+        "color": torch.cat([cam.floor_colour.expand(B, 1, 3),
+                            _CLEVR_COLOURS.to(dev)[scene["colour"]] * present[..., None]], 1),
+        "scale": col(0.0, scene["size"] * present), "x": col(0.5, px * present), "y": col(0.5, py * present),
+        "material": col(-1, scene["material"].masked_fill(absent, -1)),
+        "position": col(0.0, position), "rotation": col(0.0, torch.rad2deg(scene["yaw"]) * present),
+    }
+
+
+class ClevrLiteDataset(torch.utils.data.Dataset):
+    """clevr-lite (see the section comment above): item i is a pure function of (seed, split, i).
+
+    image float32 (B, 3, H, W) in [0, 1]; mask int64 (B, H, W): 0 = ground, object j (drawing
+    order) = j + 1, the first surface each pixel's ray hits. Per entity e in 0..6 (0 = ground):
+    visible bool (>= 5 pixels in the mask), shape int64 (0 cube, 1 sphere, 2 cylinder; -1 ground
+    or absent), color float32 (.., 3) CLEVR's RGB (the ground: its mean shaded colour), scale
+    (CLEVR size: 0.35 small, 0.7 large), x, y (the projected 3D centre in [0, 1], x = column,
+    y = row; ground 0.5), material int64 (0 rubber, 1 metal), position float32 (.., 3) the 3D
+    centre in CLEVR's world coordinates (z up, ground z = 0; CLEVR's 3d_coords), rotation
+    (yaw in degrees, CLEVR's convention). Absent objects: shape and material -1, the rest 0.
+    """
+
+    def __init__(self, split, resolution, seed, size, device):
+        self.name, self.split, self.seed, self.device = "clevr-lite", split, seed, torch.device(device)
+        self.native_resolution = 64
+        self.resolution = resolution or self.native_resolution
+        self.size = _DEFAULT_SIZE[split] if size is None else size
+        self.max_objects, self.num_background, self.has_masks = 6, 1, True
+        self.properties = ("visible", "shape", "color", "scale", "x", "y", "material", "position", "rotation")
+
+    def __len__(self):
+        return self.size
+
+    __getitem__, __getitems__ = _sample, _samples  # one sample; a list of samples (plain DataLoader)
+
+    def get_batch(self, indices):
+        """A batch for a list of indices (negative indices count from the end), rendered in
+        chunks of _CLEVR_CHUNK images."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        if len(idx) and (idx.min() < -self.size or idx.max() >= self.size):
+            raise IndexError(f"{self.name}/{self.split}: index out of range for {self.size} items")
+        idx = torch.where(idx < 0, idx + self.size, idx).to(self.device)
+        cam = _clevr_camera(self.resolution, self.device)
+        if len(idx) <= _CLEVR_CHUNK:
+            return _render_clevr_lite(self.seed, self.split, idx, cam)
+        parts = [_render_clevr_lite(self.seed, self.split, idx[i: i + _CLEVR_CHUNK], cam)
+                 for i in range(0, len(idx), _CLEVR_CHUNK)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 # --- Real datasets

@@ -103,6 +103,7 @@ DATA_DEFAULTS = {
     "shapes-colored": {**SPRITES, "num_slots": 5},
     "shapes-binary": {**SPRITES, "num_slots": 4},
     "tetrominoes": TETROMINOES,
+    "clevr-lite": CLEVR,  # built-in CLEVR6-like set: CLEVR6's row, rendered at 128
     # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px sprites sizes.
     "clevr": CLEVR,  # CLEVR6
     "clevrtex": {**CLEVR, "num_slots": 11},

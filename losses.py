@@ -72,18 +72,20 @@ def mask_kl(log_attention, mask_logits):
 
 
 def ir_loss(x, means, log_masks, sigma):
-    """Mask-weighted per-component reconstruction error, this project's form of the "IR" loss of the MONet loss
+    """Mask-weighted per-component negative log-likelihood, this project's form of the "IR" loss of the MONet loss
     ablation (arXiv 2310.03273; the paper's exact equation is not public, see PAPERS.md):
 
-        sum_pixels sum_k m_k ||x - mu_k||^2 / (2 sigma_k^2)
+        sum_pixels sum_k m_k * (-log N(x; mu_k, sigma_k^2))
+          = sum_pixels sum_k m_k [ ||x - mu_k||^2 / (2 sigma_k^2) + C (log sigma_k + log(2 pi) / 2) ]
 
-    By Jensen's inequality it is an upper bound of the mixture NLL minus the Gaussian normaliser
-    sum_k m_k C (log sigma_k + log(2 pi) / 2), equal for one-hot masks; its minimum over the masks is a one-hot
-    mask on the best-reconstructing component (the winner-take-all mechanism). Returns (B,).
+    with C channels and the Gaussian normaliser kept: it depends on the masks whenever the sigma_k differ (MONet's
+    sigma_bg != sigma_fg). Since -log is convex, Jensen's inequality makes it an upper bound of the mixture NLL
+    -sum_pixels log sum_k m_k N(x; mu_k, sigma_k^2), equal to it for one-hot masks. It is linear in the masks, so its
+    minimum over the masks is the one-hot mask on the component with the highest likelihood at each pixel (the
+    winner-take-all mechanism). Returns (B,).
     """
-    s = _slot_sigma(sigma, means, means.dim())
-    err = ((x[:, None] - means) ** 2 / (2 * s ** 2)).sum(dim=2)  # (B, K, H, W)
-    return (log_masks.exp() * err).flatten(1).sum(dim=1)
+    log_lik = gaussian_log_likelihood(x, means, sigma)  # (B, K, H, W)
+    return -(log_masks.exp() * log_lik).flatten(1).sum(dim=1)
 
 
 def covariance_loss(z, normalize="dim"):

@@ -178,6 +178,25 @@ def mbo(true_mask, pred_masks, num_background=1):
     return _mbo_from_table(table, values >= num_background)
 
 
+def mbo_class(mask, pred_masks, category=None, num_background=1):
+    """Class-level mean best overlap per image (B,) (mBO^c of DINOSAUR, Seitzer et al. 2022; OCLF's
+    segmentation_mask_abo): `mbo` over class segments, one per category present (all its objects merged).
+
+    category None: `mask` is already a class mask, the category of every pixel (ids < num_background are
+    background, -1 ignored), e.g. data.CocoDataset's class_mask, where overlapping objects give the pixel the
+    higher category id (OCLF AddSegmentationMaskFromInstanceMask). category int64 (B, E): `mask` holds entity
+    ids and category[b, i] >= 0 is the class of id i (E above every id; background entries are not read); a
+    pixel the instance mask ignores (-1, e.g. an overlap) stays ignored. NaN if the image has no foreground.
+    """
+    if category is not None:
+        if category.dim() != 2 or category.shape[0] != mask.shape[0] or (
+                mask.numel() and int(mask.max()) >= category.shape[1]):
+            raise ValueError(f"category {tuple(category.shape)} must be (B, E) with E above every id of the mask")
+        cls = torch.gather(category.long().to(mask.device), 1, mask.clamp_min(0).flatten(1)).view_as(mask)
+        mask = torch.where(mask >= num_background, num_background + cls, mask)  # classes above the background ids
+    return mbo(mask, pred_masks, num_background)
+
+
 def segmentation_metrics(true_mask, pred_masks, num_background):
     """All four metrics from one contingency table: dict of float64 (B,) tensors.
 

@@ -6,60 +6,69 @@ Papers
   Learning", arXiv 2310.03273 (beta = 0, gamma = 0 and the "IR" loss).
 
 What is implemented
-  - Attention network (appendix of 1901.11390): a U-Net on [x, log s_{k-1}] with conv 3x3, InstanceNorm,
-    ReLU, nearest 2x down/up-sampling, an MLP 128-128 at the bottleneck and a 1x1 conv to one logit a_k.
-    Depth from the resolution: floor(log2(res)) - 1 blocks (5 at 64 px, 6 at 128).
-  - Stick-breaking recursion in log space (Sec. 2 of 1901.11390): log s_0 = 0,
-      log m_k = log s_{k-1} + logsigmoid(a_k),   log s_k = log s_{k-1} + logsigmoid(-a_k),
-    K-1 attention steps; the last slot takes the remaining scope, log m_K = log s_{K-1}. Slot 0 is the
-    background slot (it gets sigma_bg). The recursion is sequential over K by nature; nothing else is.
-  - Component VAE (appendix of 1901.11390), all K slots in one batched call: encoder on [x, log m_k],
-    4 x conv 3x3 stride 2 (32, 32, 64, 64), MLP 256 -> (mu, log-variance) of a 16-d latent; spatial
-    broadcast decoder to (H+8) x (W+8) with 2 coordinate channels, 4 x unpadded conv 3x3 (32), 1x1 conv
-    to RGB mean + mask logit. The reconstruction shown in samples is sum_k m_k mu_k.
-  - Objective (eq. 3 of 1901.11390), each term logged separately:
-      --loss nll:  -sum_pix log sum_k m_k N(x; mu_k, sigma_k^2)                          (term "nll")
-      --loss ir:    sum_pix sum_k m_k ||x - mu_k||^2 / (2 sigma_k^2)                     (term "ir")
-      + beta  * sum_k KL(q(z_k | x, m_k) || N(0, I))                                     (term "kl")
-      + gamma * KL(m || softmax_k(mask logits)) = sum_k sum_pix m_k (log m_k - log_softmax_k(l))   ("mask_kl")
-    summed over pixels, slots and latent dimensions, averaged over the batch. sigma_0 = --sigma-bg,
-    sigma_{k>0} = --sigma-fg. --beta 0 / --gamma 0 (the ablations of 2310.03273) skip the term: it is
-    neither computed nor logged and contributes no gradient.
-  - The IR loss: the exact equation of 2310.03273 is not public. We use the mask-weighted per-component
-    reconstruction error above (losses.ir_loss). It is the Jensen upper bound of the mixture NLL (up to
-    the Gaussian normaliser), equal to it for one-hot masks, and it is linear in the masks, so its
-    minimum over masks is the one-hot mask on the component that reconstructs a pixel best: the same
-    winner-take-all mechanism that the paper credits for the binarisation of MONet's masks.
-  - Evaluation: ARI, FG-ARI, mIoU, mBO of the attention masks (and dec_* of the decoded masks
-    softmax_k(l)); the binarisation diagnostics att_entropy / dec_entropy (mean per-pixel entropy
-    -sum_k m_k log m_k, in nats) and att_binary / dec_binary (fraction of pixels with max_k m_k > 0.9);
-    and the mixture NLL, KL, mask KL and MSE of every variant, so runs with different losses compare.
+  - Attention network (appendix B.2 of 1901.11390): a U-Net on [x, log s_{k-1}], each block a bias-free conv 3x3,
+    InstanceNorm with learned scale and bias, ReLU, nearest 2x down/up-sampling (none in a path's last block); MLP
+    128-128 at the bottleneck; 1x1 conv to one logit a_k. floor(log2(res)) - 1 blocks (5 at 64 px, 6 at 128).
+  - Stick-breaking in log space (Sec. 2): log s_0 = 0, log m_k = log s_{k-1} + logsigmoid(a_k),
+    log s_k = log s_{k-1} + logsigmoid(-a_k); K-1 attention steps, the last slot takes the remaining scope
+    log s_{K-1}. Slot 0, the first step, is the background slot (sigma_bg, as baudm and addtt). The recursion and
+    every likelihood run in fp32 under --dtype bf16/fp16 (only the networks use the low precision).
+  - Component VAE (appendix B.1), all K slots in one batched call: encoder on [x, log m_k], 4 x conv 3x3 stride 2
+    (32, 32, 64, 64), MLP 256 -> mean and log-variance of a 16-d latent; spatial broadcast decoder to (H+8) x (W+8)
+    with 2 coordinate channels, 4 x unpadded conv 3x3 (32), 1x1 conv to RGB mean + mask logit.
+  - Objective (eq. 3), terms logged separately, summed over pixels, slots and latent dimensions, batch-averaged;
+    sigma_0 = --sigma-bg, sigma_{k>0} = --sigma-fg:
+      --loss nll:        -sum_pix log sum_k m_k N(x; mu_k, sigma_k^2)                 (term "nll", the paper)
+      --loss ir:          sum_pix sum_k m_k (-log N(x; mu_k, sigma_k^2))              (term "ir", 2310.03273)
+      --loss composite:  -sum_pix log N(x; sum_k m_k mu_k, sigma_fg^2)                (term "composite", ours)
+      + beta * sum_k KL(q(z_k | x, m_k) || N(0, I))                                   (term "kl")
+      + gamma * sum_k sum_pix m_k (log m_k - log_softmax_k(l)_k) = KL(m || softmax(l)) (term "mask_kl")
+    --beta 0 / --gamma 0 (the ablations of 2310.03273) skip the term: not computed, logged or differentiated.
+  - IR: the exact equation of 2310.03273 is not public. losses.ir_loss keeps the Gaussian normaliser, which
+    depends on the masks since sigma_bg != sigma_fg; by Jensen it bounds the mixture NLL from above, equal for
+    one-hot masks, and it is linear in the masks, so its minimum is the one-hot mask on each pixel's most likely
+    component: the winner-take-all mechanism the paper credits for the binarisation of MONet's masks.
+  - Composite (our control): masks and means enter only through the composite sum_k m_k mu_k, so nothing rewards
+    one slot owning a pixel. One sigma (--sigma-fg) everywhere: a mask-weighted one would bring back a
+    mask-dependent normaliser. Same KL and mask terms.
+  - Evaluation: ARI (background included) and FG-ARI (excluded: the papers' score; 2310.03273 reports ARI),
+    mIoU, mBO of the attention masks, dec_* of the decoded masks softmax_k(l). This project's own diagnostics
+    of what 2310.03273 describes in words: mask entropy att_/dec_entropy (mean per-pixel -sum_k m_k log m_k,
+    nats) and the binarisation fraction att_/dec_binary (pixels with max_k m_k > 0.9). NLL, KL, mask KL and MSE
+    are computed for every variant, so runs with different losses compare.
+  - Speed, exact identities with --plain for the textbook computation: the decoder's first layer never convolves
+    the tiled latent (broadcast_first_conv); the U-Net convolves up-sampled maps at low resolution
+    (conv3x3_of_upsampled); the decoder runs channels-last. docs/monet.md has the timings.
 
 Deviations and choices (each one stated so a reader can undo it)
-  - The U-Net channel width is not in our facts of the paper: every level has --unet-channels (64).
-    Resolutions that are not a power of two are handled by resizing each up-sampled map to its skip
-    connection's size (35 px tetrominoes: 35 -> 17 -> 8 -> 4).
-  - The posterior is parameterised by its log-variance; evaluation decodes the posterior mean, training
-    samples z = mu + exp(logvar / 2) * noise.
-  - The decoder's RGB means are not squashed (no sigmoid), as in the paper's description; the sample
-    grid clamps them to [0, 1]. Images stay in [0, 1], the range sigma_bg = 0.09 and sigma_fg = 0.11
-    refer to.
-  - Optimiser: RMSprop lr 1e-4 as the paper, with PyTorch's other defaults (alpha 0.99, eps 1e-8); the
-    paper's decay and epsilon are not in our facts. Constant learning rate (an optional linear warm-up).
-  - The attention network's input scope is log s_{k-1}, given to it as a fourth channel; the VAE's
-    input is log m_k (may be very negative where a slot has no scope, never -inf).
+  - U-Net widths: the appendix says "a standard U-Net blueprint" and gives none. 64 doubling per level, capped at
+    512 (baudm/MONet-pytorch models/networks.py Attention: 64 128 256 512 512 at 64 px); addtt/object-centric-
+    library uses 32 32 64 64 64 (--unet-channels 32 32 64 64 64). Sizes that are not a power of two resize each
+    up-sampled map to its skip's size (35 px: 35 -> 17 -> 8 -> 4).
+  - The mixture is over whole pixels (channels independent given the slot, multiplied before the sum over slots,
+    as eq. 3); baudm, addtt and clevrtex mix each channel separately: their NLLs are not comparable to ours.
+  - Log-variance posterior; evaluation decodes the posterior mean. RGB means are not squashed (addtt applies a
+    sigmoid); images stay in [0, 1], the range of sigma_bg 0.09 and sigma_fg 0.11.
+  - --optimizer rmsprop-tf (paper preset): TF1's RMSProp, as the paper's TensorFlow code ran it (decay 0.9,
+    epsilon 1e-10 inside the root, mean square from 1). rmsprop (PyTorch: alpha 0.99, eps outside the root, from
+    0: its first step is ~10 * lr on every weight) and adam are options.
+  - The tiny preset (CPU) is the paper's architecture narrowed (16 channels), batch 16, PyTorch RMSprop lr 3e-4, and
+    where a measurement chose it (docs/monet.md has the sweep): sigma_bg 0.3 / sigma_fg 0.36 (addtt's Tetrominoes
+    values), the mask-KL weight ramped over 1000 steps, 8000 steps. It scores test FG-ARI 0.66 on Tetrominoes,
+    short of the 0.75 the project aims for.
 
 Commands
   GPU, paper configuration (Multi-dSprites-like built-in data, K=7, batch 64, ~1M steps):
     python monet.py --data shapes --device cuda
-  The ablations of arXiv 2310.03273:
+  The ablations of arXiv 2310.03273 and the composite control:
     python monet.py --data shapes --beta 0          # no VAE KL
     python monet.py --data shapes --gamma 0         # no mask reconstruction
     python monet.py --data shapes --loss ir         # IR loss in place of the mixture NLL
+    python monet.py --data shapes --loss composite  # Gaussian on sum_k m_k mu_k: no winner-take-all
     python scripts/monet_ablation.py --data shapes --preset paper --steps 100000 --seeds 0 1 2 --device cuda
   ObjectsRoom from the DeepMind HDF5 file (64 px, K=7):
     python monet.py --data /data/objects_room_train.h5
-  CPU, tiny preset (Tetrominoes at 35 px, K=4, 3000 steps; about 11 minutes on one core):
+  CPU, tiny preset (Tetrominoes at 35 px, K=4; time and scores in docs/monet.md):
     python monet.py --preset tiny
   Several GPUs (or CPU processes with gloo):
     torchrun --nproc_per_node=4 monet.py --data shapes
@@ -91,24 +100,28 @@ import metrics
 
 # Per-preset defaults; explicit flags override. None in the parser means "from the preset".
 PRESETS = {
-    "paper": dict(batch_size=64, steps=1_000_000, lr=1e-4, warmup_steps=0, grad_clip=0.0, unet_channels=64,
+    # 1901.11390 appendix B: RMSProp lr 1e-4, batch 64; unet_channels None: the U-Net blueprint, unet_widths()
+    "paper": dict(batch_size=64, steps=1_000_000, lr=1e-4, warmup_steps=0, grad_clip=0.0, unet_channels=None,
                   mlp_hidden=128, enc_channels=32, enc_hidden=256, dec_channels=32, latent_dim=16,
+                  optimizer="rmsprop-tf", gamma_warmup=0, sigma_bg=0.09, sigma_fg=0.11,  # appendix B.1
                   log_every=100, eval_every=5_000, eval_size=320, save_every=5_000),
-    # tiny: defaults to Tetrominoes, at its native 35 px (11 minutes on one CPU core, README); other data 32 px.
-    # Tried on Tetrominoes: lr 6e-4 and 1e-3 segment worse than 3e-4 at the same step.
-    "tiny": dict(batch_size=16, steps=3_000, lr=3e-4, warmup_steps=0, grad_clip=0.0, unet_channels=16,
+    # tiny: defaults to Tetrominoes at its native 35 px, other data 32 px; docs/monet.md has the sweep behind it
+    # sigmas of addtt/object-centric-library config/special_cases/monet-tetrominoes.yaml (bg 0.3, fg 0.36)
+    "tiny": dict(batch_size=16, steps=8_000, lr=3e-4, warmup_steps=0, grad_clip=0.0, unet_channels=[16],
                  mlp_hidden=64, enc_channels=16, enc_hidden=64, dec_channels=16, latent_dim=16,
-                 log_every=50, eval_every=250, eval_size=64, save_every=250),
+                 optimizer="rmsprop", gamma_warmup=1_000, sigma_bg=0.3, sigma_fg=0.36,
+                 log_every=50, eval_every=250, eval_size=256, save_every=250),
 }
 TINY_RESOLUTION = 32  # tiny preset on data other than Tetrominoes
 # Per-data defaults: resolution and K (one slot more than the most entities an image holds; 7 as the
 # paper for CLEVR6 and ObjectsRoom; Tetrominoes: K=4, IODINE's setting, one slot per entity: MONet's
-# background slot takes the background, so no spare slot is needed).
+# background slot takes the background, so no spare slot is needed; K=5 measured lower, docs/monet.md).
 DATA_DEFAULTS = {
     "shapes": dict(resolution=64, num_slots=7),
     "shapes-colored": dict(resolution=64, num_slots=6),
     "shapes-binary": dict(resolution=64, num_slots=5),
     "tetrominoes": dict(resolution=35, num_slots=4),
+    "clevr-lite": dict(resolution=128, num_slots=7),  # built-in CLEVR6-like set: CLEVR6's row, rendered at 128
     # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px.
     "clevr": dict(resolution=128, num_slots=7),  # CLEVR6
     "clevrtex": dict(resolution=128, num_slots=11),
@@ -117,7 +130,8 @@ DATA_DEFAULTS = {
     "tetromino": dict(resolution=35, num_slots=4),
     "other": dict(resolution=64, num_slots=7),
 }
-LOSSES = ("nll", "ir")
+LOSSES = ("nll", "ir", "composite")
+OPTIMIZERS = ("rmsprop-tf", "rmsprop", "adam")
 # Flags that shape the weights: --resume and --eval-only take them from the checkpoint and refuse other values.
 ARCH_KEYS = ("resolution", "unet_channels", "unet_blocks", "mlp_hidden", "enc_channels", "enc_hidden",
              "dec_channels", "latent_dim")
@@ -133,6 +147,12 @@ def unet_blocks_for(resolution):
     return max(1, int(math.log2(resolution)) - 1)
 
 
+def unet_widths(blocks):
+    """Channels per U-Net level, top to bottom: 64 doubling per level, capped at 512 (the paper's "standard U-Net
+    blueprint" has no widths; baudm/MONet-pytorch models/networks.py Attention: ngf 64, 128, 256, 512, 512)."""
+    return [64 * min(2 ** level, 8) for level in range(blocks)]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MONet (arXiv 1901.11390) with the loss ablations of "
                                 "arXiv 2310.03273.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -145,7 +165,9 @@ def parse_args(argv=None):
     a("--train-size", type=int, default=None, help="use only the first N training images (None: all)")
     a("--resolution", type=int, default=None, help="image side in pixels (None: preset/data default)")
     a("--num-slots", type=int, default=None, help="number of slots K, background slot included (None: per data set)")
-    a("--unet-channels", type=int, default=None, help="channels of every U-Net level of the attention network")
+    a("--unet-channels", type=int, nargs="+", default=None,
+      help="channels of each U-Net level, top to bottom, or one value for every level (None: paper 64 128 256 "
+      "512 512 ..., tiny 16)")
     a("--unet-blocks", type=int, default=None,
       help="U-Net blocks per path (None: floor(log2(resolution)) - 1, i.e. 5 at 64 px, 6 at 128)")
     a("--mlp-hidden", type=int, default=None, help="width of the two hidden layers of the U-Net bottleneck MLP")
@@ -153,15 +175,23 @@ def parse_args(argv=None):
     a("--enc-hidden", type=int, default=None, help="hidden width of the VAE encoder MLP")
     a("--dec-channels", type=int, default=None, help="channels of the VAE's 4 unpadded decoder convs")
     a("--latent-dim", type=int, default=None, help="size of each slot's latent z_k")
-    a("--loss", choices=LOSSES, default="nll",
-      help="nll: mixture negative log-likelihood (paper); ir: mask-weighted reconstruction error (2310.03273)")
+    a("--plain", "--plain-decoder", dest="plain", action="store_true", help="the textbook computations: the decoder "
+      "convolves the tiled latent, the U-Net the up-sampled map (default: exact shortcuts, the same numbers, faster)")
+    a("--loss", choices=LOSSES, default="nll", help="nll: mixture negative log-likelihood (paper); ir: mask-weighted "
+      "per-component NLL (2310.03273); composite: Gaussian on sum_k m_k mu_k (control without winner-take-all)")
     a("--beta", type=float, default=0.5, help="weight of the VAE KL; 0 removes the term (ablation)")
     a("--gamma", type=float, default=0.5, help="weight of the mask reconstruction KL; 0 removes the term (ablation)")
-    a("--sigma-bg", type=float, default=0.09, help="likelihood std of the background slot (slot 0), image in [0, 1]")
-    a("--sigma-fg", type=float, default=0.11, help="likelihood std of the other slots, image in [0, 1]")
+    a("--gamma-warmup", type=int, default=None, help="steps over which the mask KL weight rises linearly from 0 to "
+      "--gamma (0: constant, the paper)")
+    a("--sigma-bg", type=float, default=None,
+      help="likelihood std of the background slot (slot 0), image in [0, 1] (None: paper 0.09, tiny 0.3)")
+    a("--sigma-fg", type=float, default=None,
+      help="likelihood std of the other slots, image in [0, 1] (None: paper 0.11, tiny 0.36)")
+    a("--optimizer", choices=OPTIMIZERS, default=None, help="rmsprop-tf: TF1 RMSProp as the paper (decay 0.9, "
+      "eps 1e-10, mean square from 1); rmsprop: PyTorch's; adam (None: from the preset)")
     a("--batch-size", type=int, default=None, help="images per step (per process under torchrun)")
     a("--steps", type=int, default=None, help="total optimiser steps")
-    a("--lr", type=float, default=None, help="RMSprop learning rate")
+    a("--lr", type=float, default=None, help="learning rate")
     a("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up, in steps (0: none, the paper)")
     a("--grad-clip", type=float, default=None, help="max gradient norm (0: no clipping, the paper)")
     a("--seed", type=int, default=0, help="seeds python, numpy, torch and the data order")
@@ -182,8 +212,6 @@ def parse_args(argv=None):
     # the flags this command line gives: under --resume / --eval-only they override the checkpoint's
     args.given = sorted({t[2:].split("=")[0].replace("-", "_") for t in (sys.argv[1:] if argv is None else argv)
                          if t.startswith("--")})
-
-
     if args.data is None:
         args.data = "tetrominoes" if args.preset == "tiny" else "shapes"
     key = args.data if args.data in DATA_DEFAULTS else next(
@@ -194,13 +222,19 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.unet_blocks is None:
         args.unet_blocks = unet_blocks_for(args.resolution)
-    positive = ("resolution", "num_slots", "unet_channels", "unet_blocks", "mlp_hidden", "enc_channels",
-                "enc_hidden", "dec_channels", "latent_dim", "batch_size", "steps", "log_every", "save_every",
-                "eval_size", "sigma_bg", "sigma_fg")
+    widths = args.unet_channels or unet_widths(args.unet_blocks)
+    args.unet_channels = widths * args.unet_blocks if len(widths) == 1 else widths
+    if len(args.unet_channels) != args.unet_blocks:
+        p.error(f"--unet-channels has {len(args.unet_channels)} values for {args.unet_blocks} U-Net blocks; "
+                f"give one value or {args.unet_blocks}")
+    positive = ("resolution", "num_slots", "unet_blocks", "mlp_hidden", "enc_channels", "enc_hidden", "dec_channels",
+                "latent_dim", "batch_size", "steps", "log_every", "save_every", "eval_size", "sigma_bg", "sigma_fg")
     for k in positive:
         if getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    for k in ("warmup_steps", "grad_clip", "eval_every", "workers", "beta", "gamma", "lr"):
+    if min(args.unet_channels) <= 0:
+        p.error(f"--unet-channels must be positive, got {args.unet_channels}")
+    for k in ("warmup_steps", "grad_clip", "eval_every", "workers", "beta", "gamma", "lr", "gamma_warmup"):
         if getattr(args, k) < 0:
             p.error(f"--{k.replace('_', '-')} must be non-negative, got {getattr(args, k)}")
     if args.resolution < 8:
@@ -217,27 +251,49 @@ def parse_args(argv=None):
 
 
 def conv_block(c_in, c_out):
-    """One U-Net block: conv 3x3 SAME, InstanceNorm, ReLU (appendix of 1901.11390)."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.InstanceNorm2d(c_out, affine=True), nn.ReLU())
+    """One U-Net block: bias-free conv 3x3 SAME, InstanceNorm with learned scale and bias, ReLU (appendix B.2 of
+    1901.11390; a conv bias before InstanceNorm would be subtracted again by it)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.InstanceNorm2d(c_out, affine=True),
+                         nn.ReLU())
+
+
+def conv3x3_of_upsampled(h, weight):
+    """conv2d(nearest_upsample_2x(h), weight, padding=1), computed on the low-resolution h (exact).
+
+    Output row 2i+a of a 3x3 SAME conv on the 2x nearest up-sampled map reads up-sampled rows 2i+a-1 .. 2i+a+1, i.e.
+    low-resolution rows (i-1, i, i) for a = 0 and (i, i, i+1) for a = 1: kernel rows that land on the same low-res
+    row add up, P_0 W = [W_0, W_1 + W_2] at rows (i-1, i) and P_1 W = [W_0 + W_1, W_2] at rows (i, i+1); the same for
+    columns. So each output phase (a, b) is a 2x2 conv of h with P_a W P_b^T, and zero padding of h by 1 is the
+    up-sampled map's zero padding. 16 taps per 4 output pixels instead of 36. h (B, C, h, w) -> (B, C_out, 2h, 2w)."""
+    (b, _, hh, ww), c_out = h.shape, weight.shape[0]
+    collapse = weight.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # (parity, 2 low-res taps, 3 taps)
+    k = torch.einsum("aru,oiuv,bsv->aboirs", collapse, weight, collapse)  # (2, 2, C_out, C, 2, 2)
+    y = F.conv2d(F.pad(h, (1, 1, 1, 1)), k.reshape(4 * c_out, -1, 2, 2)).view(b, 2, 2, c_out, hh + 1, ww + 1)
+    # phase (a, b) starts at padded row a, column b: the window there covers low-res rows i - 1 + a, i + a
+    rows = [torch.stack([y[:, a, 0, :, a:a + hh, :ww], y[:, a, 1, :, a:a + hh, 1:]], dim=-1) for a in (0, 1)]
+    return torch.stack(rows, dim=3).reshape(b, c_out, 2 * hh, 2 * ww)  # (B, C_out, h, 2, w, 2) -> interleaved
 
 
 class AttentionNet(nn.Module):
-    """U-Net from [x, log scope] to one attention logit per pixel (appendix of 1901.11390).
+    """U-Net from [x, log scope] to one attention logit per pixel (appendix B.2 of 1901.11390).
 
-    Down path: `blocks` conv blocks, nearest 2x down-sampling after all but the last (skips taken before
-    it); bottleneck: MLP hidden-hidden on the flattened deepest map; up path: nearest up-sampling to the
-    skip's size, concatenation with the skip, conv block; 1x1 conv to one logit.
+    Down path: one conv block per level (widths[i] channels), nearest 2x down-sampling after all but the last (skips
+    taken before it); bottleneck: MLP hidden-hidden on the flattened deepest map; up path, deepest level first:
+    nearest up-sampling to the skip's size, concatenation with the skip, conv block to the next level's width;
+    1x1 conv to one logit.
     """
 
-    def __init__(self, resolution, channels, blocks, mlp_hidden):
+    def __init__(self, resolution, widths, mlp_hidden, plain=False):
         super().__init__()
-        self.down = nn.ModuleList([conv_block(4 if i == 0 else channels, channels) for i in range(blocks)])
-        self.up = nn.ModuleList([conv_block(2 * channels, channels) for _ in range(blocks)])
-        side = resolution >> (blocks - 1)  # nearest 0.5x down-sampling floors odd sizes
-        flat = channels * side * side
+        n, self.plain = len(widths), plain
+        self.down = nn.ModuleList([conv_block(4 if i == 0 else widths[i - 1], widths[i]) for i in range(n)])
+        # level i of the up path sees [up-sampled h, skip_i], both widths[i] wide, and hands widths[i - 1] upwards
+        self.up = nn.ModuleList([conv_block(2 * widths[i], widths[max(i - 1, 0)]) for i in reversed(range(n))])
+        side = resolution >> (n - 1)  # nearest 0.5x down-sampling floors odd sizes
+        flat = widths[-1] * side * side
         self.mlp = nn.Sequential(nn.Linear(flat, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, mlp_hidden), nn.ReLU(),
                                  nn.Linear(mlp_hidden, flat), nn.ReLU())
-        self.head = nn.Conv2d(channels, 1, 1)
+        self.head = nn.Conv2d(widths[0], 1, 1)
 
     def forward(self, x, log_scope):
         h = torch.cat([x, log_scope], dim=1)  # (B, 3 + 1, H, W)
@@ -249,8 +305,12 @@ class AttentionNet(nn.Module):
                 h = F.interpolate(h, scale_factor=0.5, mode="nearest")
         h = self.mlp(h.flatten(1)).view_as(h)  # (B, C, s, s) -> (B, C*s*s) -> back
         for block, skip in zip(self.up, reversed(skips)):
-            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")  # identity at the bottom level
-            h = block(torch.cat([h, skip], dim=1))  # (B, 2C, h, w) -> (B, C, h, w)
+            if self.plain or skip.shape[-2:] != (2 * h.shape[-2], 2 * h.shape[-1]):  # bottom level, odd sizes
+                h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")  # identity at the bottom level
+                h = block(torch.cat([h, skip], dim=1))  # (B, 2 C_i, h, w) -> (B, C_{i-1}, h, w)
+            else:  # conv([up(h), skip]) = conv_h(up(h)) + conv_skip(skip), the first at low resolution
+                w = block[0].weight  # (C_{i-1}, 2 C_i, 3, 3)
+                h = block[1:](conv3x3_of_upsampled(h, w[:, :h.shape[1]]) + F.conv2d(skip, w[:, h.shape[1]:], padding=1))
         return self.head(h)  # (B, 1, H, W) attention logits a_k
 
 
@@ -261,10 +321,26 @@ def coordinate_grid(h, w, device=None):
     return torch.stack([y, x])  # (2, h, w)
 
 
-class ComponentVAE(nn.Module):
-    """q(z_k | x, m_k) and the spatial broadcast decoder p(x_k, l_k | z_k) (appendix of 1901.11390)."""
+def broadcast_first_conv(z, coords, conv):
+    """conv(concat(tile(z), coords)) for an unpadded conv, without convolving the tiled latent.
 
-    def __init__(self, resolution, enc_channels, enc_hidden, dec_channels, latent_dim):
+    Split the kernel by input channel, W = [W_z, W_p]. The tile is constant in space and a VALID convolution sees
+    every tap of its kernel at every output pixel, so for z (N, L) and coords P (2, H, W):
+
+        conv(tile(z) ++ P; W, b)[n, o, i, j] = conv(P; W_p, b)[o, i, j] + sum_c z[n, c] * sum_{u,v} W_z[o, c, u, v]
+
+    The first term does not depend on the slot: one convolution at batch 1. Exact for padding 0 only (a padded
+    border would see fewer taps). Returns (N, C_out, H - kh + 1, W - kw + 1)."""
+    w_z, w_p = conv.weight[:, :z.shape[1]], conv.weight[:, z.shape[1]:]  # (C_out, L, kh, kw), (C_out, 2, kh, kw)
+    pos = F.conv2d(coords[None].to(w_p.dtype), w_p, conv.bias)  # (1, C_out, H', W')
+    pos = pos.contiguous(memory_format=torch.channels_last)  # the sum inherits it: the decoder runs channels-last
+    return pos + (z @ w_z.sum(dim=(2, 3)).T)[:, :, None, None]  # (1, C_out, H', W') + (N, C_out, 1, 1)
+
+
+class ComponentVAE(nn.Module):
+    """q(z_k | x, m_k) and the spatial broadcast decoder p(x_k, l_k | z_k) (appendix B.1 of 1901.11390)."""
+
+    def __init__(self, resolution, enc_channels, enc_hidden, dec_channels, latent_dim, plain=False):
         super().__init__()
         c = enc_channels
         layers, c_in = [], 4
@@ -281,7 +357,20 @@ class ComponentVAE(nn.Module):
             layers += [nn.Conv2d(c_in, dec_channels, 3), nn.ReLU()]
             c_in = dec_channels
         self.decoder = nn.Sequential(*layers, nn.Conv2d(dec_channels, 4, 1))
+        self.plain = plain
         self.register_buffer("coords", coordinate_grid(resolution + 8, resolution + 8), persistent=False)
+
+    def decode(self, z):
+        """z (N, L) -> (N, 4, H, W): RGB means and the mask logit."""
+        if self.plain:  # the textbook spatial broadcast: tile, append coordinates, convolve
+            h, w = self.coords.shape[1:]
+            grid = repeat(z, "n l -> n l h w", h=h, w=w)  # (N, L, H+8, W+8)
+            coords = self.coords.to(grid.dtype).expand(z.shape[0], -1, -1, -1)  # (N, 2, H+8, W+8)
+            first = self.decoder[0](torch.cat([grid, coords], dim=1))
+        else:
+            first = broadcast_first_conv(z, self.coords, self.decoder[0])
+        # channels-last convolutions: the same numbers, faster on CPU (docs/monet.md: the step against b0b76e7)
+        return self.decoder[1:](first.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def forward(self, x, log_masks):
         """x (B, 3, H, W), log_masks (B, K, H, W): all K components in one batched call."""
@@ -290,10 +379,7 @@ class ComponentVAE(nn.Module):
                          rearrange(log_masks, "b k h w -> (b k) 1 h w")], dim=1)  # (B*K, 4, H, W)
         mu, logvar = self.encoder(inp).chunk(2, dim=-1)  # (B*K, L) each
         z = mu + (0.5 * logvar).exp() * torch.randn_like(mu) if self.training else mu
-        grid = repeat(z, "n l -> n l h w", h=h + 8, w=w + 8)  # (B*K, L, H+8, W+8)
-        coords = self.coords.to(grid.dtype).expand(grid.shape[0], -1, -1, -1)  # (B*K, 2, H+8, W+8)
-        out = self.decoder(torch.cat([grid, coords], dim=1))  # (B*K, 4, H, W)
-        out = rearrange(out, "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
+        out = rearrange(self.decode(z), "(b k) c h w -> b k c h w", b=b)  # (B, K, 4, H, W)
         return (out[:, :, :3], out[:, :, 3],  # means (B, K, 3, H, W), mask logits (B, K, H, W)
                 rearrange(mu, "(b k) l -> b k l", b=b), rearrange(logvar, "(b k) l -> b k l", b=b))
 
@@ -301,41 +387,43 @@ class ComponentVAE(nn.Module):
 class MONet(nn.Module):
     """Recurrent attention -> K attention masks -> component VAE per slot (Sec. 2 of 1901.11390)."""
 
-    def __init__(self, resolution=64, num_slots=7, unet_channels=64, unet_blocks=None, mlp_hidden=128,
-                 enc_channels=32, enc_hidden=256, dec_channels=32, latent_dim=16):
+    def __init__(self, resolution=64, num_slots=7, unet_channels=None, unet_blocks=None, mlp_hidden=128,
+                 enc_channels=32, enc_hidden=256, dec_channels=32, latent_dim=16, plain=False):
         super().__init__()
         self.num_slots = num_slots
-        blocks = unet_blocks or unet_blocks_for(resolution)
-        self.attention = AttentionNet(resolution, unet_channels, blocks, mlp_hidden)
-        self.vae = ComponentVAE(resolution, enc_channels, enc_hidden, dec_channels, latent_dim)
+        widths = unet_channels or unet_widths(unet_blocks or unet_blocks_for(resolution))
+        self.attention = AttentionNet(resolution, widths, mlp_hidden, plain)
+        self.vae = ComponentVAE(resolution, enc_channels, enc_hidden, dec_channels, latent_dim, plain)
 
     def attend(self, x):
-        """Stick-breaking in log space (Sec. 2 of 1901.11390).
-        Returns log m (B, K, H, W) and the attention logits a (B, K-1, H, W)."""
-        log_scope = torch.zeros_like(x[:, :1])  # log s_0 = log 1, (B, 1, H, W)
+        """Stick-breaking in log space (Sec. 2 of 1901.11390), in fp32 whatever the autocast precision: bf16
+        logsigmoid(a) and logsigmoid(-a) round separately and the masks stop summing to 1 (by ~0.3%).
+        Returns log m (B, K, H, W) and the attention logits a (B, K-1, H, W), both fp32."""
+        log_scope = torch.zeros_like(x[:, :1], dtype=torch.float32)  # log s_0 = log 1, (B, 1, H, W)
         log_masks, logits = [], []
         for _ in range(self.num_slots - 1):  # sequential: step k needs the scope left by step k-1
-            a = self.attention(x, log_scope)  # (B, 1, H, W)
+            a = self.attention(x, log_scope).float()  # (B, 1, H, W)
             log_masks.append(log_scope + F.logsigmoid(a))  # log m_k = log s_{k-1} + log alpha_k
             log_scope = log_scope + F.logsigmoid(-a)  # log s_k = log s_{k-1} + log(1 - alpha_k)
             logits.append(a)
         log_masks.append(log_scope)  # the last slot takes the remaining scope
-        att_logits = torch.cat(logits, dim=1) if logits else x.new_zeros(x.shape[0], 0, *x.shape[2:])
+        att_logits = torch.cat(logits, dim=1) if logits else log_scope.new_zeros(x.shape[0], 0, *x.shape[2:])
         return torch.cat(log_masks, dim=1), att_logits  # (B, K, H, W), (B, K-1, H, W)
 
     def forward(self, image):
-        """image (B, 3, H, W) in [0, 1]."""
+        """image (B, 3, H, W) in [0, 1]. Masks, log-masks and the reconstruction are fp32; means and mask logits
+        come in the autocast precision (the objective casts them)."""
         log_masks, att_logits = self.attend(image)
         means, mask_logits, mu, logvar = self.vae(image, log_masks)
         masks = log_masks.exp()  # (B, K, H, W), sums to 1 over K
-        recon = (masks.unsqueeze(2) * means).sum(dim=1)  # (B, 3, H, W) = sum_k m_k mu_k
+        recon = (masks.unsqueeze(2) * means.float()).sum(dim=1)  # (B, 3, H, W) = sum_k m_k mu_k
         return dict(recon=recon, means=means, masks=masks, log_masks=log_masks, mask_logits=mask_logits,
                     att_logits=att_logits, mu=mu, logvar=logvar)
 
 
 def build_model(args):
     return MONet(args.resolution, args.num_slots, args.unet_channels, args.unet_blocks, args.mlp_hidden,
-                 args.enc_channels, args.enc_hidden, args.dec_channels, args.latent_dim)
+                 args.enc_channels, args.enc_hidden, args.dec_channels, args.latent_dim, args.plain)
 
 
 # --- Objective
@@ -348,28 +436,32 @@ def slot_sigmas(num_slots, args, device=None):
     return sigma
 
 
-def compute_loss(out, image, args):
-    """Named loss terms and their total (eq. 3 of 1901.11390; 2310.03273), each averaged over the batch.
+def compute_loss(out, image, args, gamma=None):
+    """Named loss terms and their total (eq. 3 of 1901.11390; 2310.03273), each averaged over the batch, in fp32.
 
-    nll:     -sum_pix log sum_k m_k N(x; mu_k, sigma_k^2)
-    ir:       sum_pix sum_k m_k ||x - mu_k||^2 / (2 sigma_k^2)       (our form; see the docstring)
-    kl:       sum_k sum_d KL(N(mu_kd, var_kd) || N(0, 1))             only when beta > 0
-    mask_kl:  sum_k sum_pix m_k (log m_k - log softmax_k(l)_k)        only when gamma > 0
-    loss = (nll | ir) + beta * kl + gamma * mask_kl
+    nll:        -sum_pix log sum_k m_k N(x; mu_k, sigma_k^2)
+    ir:          sum_pix sum_k m_k (-log N(x; mu_k, sigma_k^2))         (our form; see the docstring)
+    composite:  -sum_pix log N(x; sum_k m_k mu_k, sigma_fg^2)            (the control without winner-take-all)
+    kl:          sum_k sum_d KL(N(mu_kd, var_kd) || N(0, 1))              only when beta > 0
+    mask_kl:     sum_k sum_pix m_k (log m_k - log softmax_k(l)_k)         only when gamma > 0
+    loss = (nll | ir | composite) + beta * kl + gamma * mask_kl, with `gamma` the scheduled weight (default --gamma)
     """
     means, log_masks = out["means"].float(), out["log_masks"].float()
     sigma = slot_sigmas(means.shape[1], args, means.device)
     if args.loss == "nll":
         terms = {"nll": losses.mixture_nll(image, means, log_masks, sigma).mean()}
-    else:
+    elif args.loss == "ir":
         terms = {"ir": losses.ir_loss(image, means, log_masks, sigma).mean()}
+    else:
+        recon = (log_masks.exp().unsqueeze(2) * means).sum(dim=1, keepdim=True)  # (B, 1, 3, H, W): one component
+        terms = {"composite": -losses.gaussian_log_likelihood(image, recon, args.sigma_fg).flatten(1).sum(1).mean()}
     total = terms[args.loss]
     if args.beta > 0:  # beta = 0: the term is not built at all, so it has neither value nor gradient
         terms["kl"] = losses.kl_diag_gaussian(out["mu"].float(), out["logvar"].float()).sum(dim=(1, 2)).mean()
         total = total + args.beta * terms["kl"]
     if args.gamma > 0:
         terms["mask_kl"] = losses.mask_kl(log_masks, out["mask_logits"].float()).mean()
-        total = total + args.gamma * terms["mask_kl"]
+        total = total + (args.gamma if gamma is None else gamma) * terms["mask_kl"]
     terms["loss"] = total
     return terms
 
@@ -391,6 +483,44 @@ EXIT_PREEMPTED = 3  # exit status of a run stopped by a signal after writing its
 def lr_at(step, args):
     """Constant learning rate (the paper) after an optional linear warm-up."""
     return args.lr * (min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
+
+
+def gamma_at(step, args):
+    """Mask-KL weight: --gamma, reached linearly over --gamma-warmup steps (0: constant, the paper)."""
+    return args.gamma * (min(1.0, step / args.gamma_warmup) if args.gamma_warmup else 1.0)
+
+
+class RMSpropTF(torch.optim.Optimizer):
+    """TF1's RMSProp without momentum, the paper's optimiser (tensorflow r1 training/rmsprop.py: decay 0.9,
+    epsilon 1e-10, the "rms" slot initialised by ones_initializer; update of raw_ops.ApplyRMSProp):
+
+        ms <- decay * ms + (1 - decay) * g^2,      p <- p - lr * g / sqrt(ms + epsilon),      ms_0 = 1
+
+    PyTorch's RMSprop starts ms at 0 and adds eps outside the root: its first step is lr * g / (sqrt(0.01 g^2) + eps),
+    about 10 * lr on every weight; this one's first step is lr * g / sqrt(0.9 + 0.1 g^2), about lr * g."""
+
+    def __init__(self, params, lr, decay=0.9, eps=1e-10):
+        super().__init__(params, dict(lr=lr, decay=decay, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not self.state[p]:
+                    self.state[p]["square_avg"] = torch.ones_like(p)
+                ms = self.state[p]["square_avg"]
+                ms.mul_(group["decay"]).addcmul_(p.grad, p.grad, value=1 - group["decay"])
+                p.addcdiv_(p.grad, (ms + group["eps"]).sqrt(), value=-group["lr"])
+
+
+def build_optimizer(params, args):
+    """--optimizer: rmsprop-tf (the paper's TF1 semantics), rmsprop (PyTorch's defaults) or adam."""
+    if args.optimizer == "rmsprop-tf":
+        return RMSpropTF(params, lr=args.lr)
+    return (torch.optim.RMSprop if args.optimizer == "rmsprop" else torch.optim.Adam)(params, lr=args.lr)
+
 
 def pick_device(name, local_rank):
     if name == "auto":
@@ -669,7 +799,7 @@ def _main(args):
         except OSError as e:
             raise data.DataError(f"{run_dir}: cannot write the run folder ({e.strerror})")
 
-    opt = torch.optim.RMSprop(model.parameters(), lr=args.lr)  # the paper: RMSprop, lr 1e-4
+    opt = build_optimizer(model.parameters(), args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
@@ -708,12 +838,12 @@ def _main(args):
     try:
         while step < args.steps:
             image = next(batches)["image"].to(device, non_blocking=True)
-            lr = lr_at(step, args)
+            lr, gamma = lr_at(step, args), gamma_at(step, args)
             for g in opt.param_groups:
                 g["lr"] = lr
             with autocast(device, args.dtype):
                 out = model(image)
-            terms = compute_loss(out, image, args)
+            terms = compute_loss(out, image, args, gamma)
             opt.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
             if args.grad_clip > 0:
@@ -746,7 +876,7 @@ def _main(args):
                 if is_main and (step % args.log_every == 0 or last):
                     means = {k: (v / n_sum).item() for k, v in sums.items()}
                     dt = time.time() - t0
-                    write({"step": step, "split": "train", **means, "lr": lr,
+                    write({"step": step, "split": "train", **means, "lr": opt.param_groups[0]["lr"], "gamma": gamma,
                            "images_per_s": n_sum * args.batch_size * world / dt, "peak_mem_mb": peak_memory_mb(device)})
                     bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{n_sum * args.batch_size * world / dt:.0f}",
                                     fg_ari=f"{fg_ari:.3f}")

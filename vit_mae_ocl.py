@@ -113,6 +113,7 @@ DATA_DEFAULTS = {
     "shapes-colored": {**_SPRITES, "num_slots": 5},
     "shapes-binary": {**_SPRITES, "num_slots": 4},
     "tetrominoes": _TETRIS,
+    "clevr-lite": _CLEVR,  # built-in CLEVR6-like set: CLEVR6's row, rendered at 128
     # Real files, recognised by name: DeepMind HDF5 conversions, ClevrTex; anything else: 64 px.
     "clevr": _CLEVR,  # CLEVR6
     "clevrtex": {**_CLEVR, "num_slots": 11},

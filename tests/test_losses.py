@@ -68,19 +68,33 @@ def test_mixture_nll_stable_with_zero_masks_and_far_pixels():
 
 # --- IR loss
 
-def test_ir_loss_bounds_mixture_nll_and_is_tight_for_one_hot_masks():
+def test_ir_loss_equals_mixture_nll_for_one_hot_masks_with_unequal_sigmas():
     x = rand(3, 3, 4, 4, seed=6).mul(0.2)
     means = rand(3, 5, 3, 4, 4, seed=7).mul(0.2)
-    sigma = 0.1
-    normaliser = 3 * 4 * 4 * (math.log(sigma) + 0.5 * math.log(2 * math.pi))  # C*H*W*(log sigma + log(2pi)/2)
-    log_soft = F.log_softmax(rand(3, 5, 4, 4, seed=8), dim=1)
-    nll = losses.mixture_nll(x, means, log_soft, sigma)
-    assert (losses.ir_loss(x, means, log_soft, sigma) + normaliser >= nll - 1e-9).all()
-    assert (losses.ir_loss(x, means, log_soft, sigma) + normaliser > nll + 1e-3).all()  # soft masks: strict
+    sigma = torch.tensor([0.09, 0.11, 0.2, 0.05, 0.11], dtype=torch.float64)  # unequal: the normaliser matters
     hard = F.one_hot(rand(3, 4, 4, seed=9).abs().mul(10).long() % 5, 5).permute(0, 3, 1, 2).double()
-    log_hard = torch.log(hard)
-    assert torch.allclose(losses.ir_loss(x, means, log_hard, sigma) + normaliser,
-                          losses.mixture_nll(x, means, log_hard, sigma))
+    got = losses.ir_loss(x, means, torch.log(hard), sigma)
+    torch.testing.assert_close(got, direct_mixture_nll(x, means, hard, sigma.tolist()), rtol=1e-10, atol=1e-9)
+
+
+def test_ir_loss_is_above_mixture_nll_for_soft_masks():
+    x = rand(3, 3, 4, 4, seed=6).mul(0.2)
+    means = rand(3, 5, 3, 4, 4, seed=7).mul(0.2)
+    sigma = torch.tensor([0.09, 0.11, 0.11, 0.11, 0.11], dtype=torch.float64)
+    log_soft = F.log_softmax(rand(3, 5, 4, 4, seed=8), dim=1)
+    nll = direct_mixture_nll(x, means, log_soft.exp(), sigma.tolist())
+    assert (losses.ir_loss(x, means, log_soft, sigma) > nll + 1e-3).all()  # Jensen, strict for soft masks
+
+
+def test_ir_loss_normaliser_depends_on_which_slot_holds_the_pixel():
+    """Perfect reconstructions: one-hot on the background slot (sigma 0.09) against a foreground slot (0.11) differ by
+    C * log(0.11 / 0.09) per pixel, as the mixture NLL does (about 0.6 nats for RGB)."""
+    x = rand(1, 3, 2, 2, seed=1)
+    means = x[:, None].expand(1, 2, 3, 2, 2)
+    sigma = torch.tensor([0.09, 0.11], dtype=torch.float64)
+    on = lambda k: torch.log(F.one_hot(torch.full((1, 2, 2), k), 2).permute(0, 3, 1, 2).double())
+    gap = losses.ir_loss(x, means, on(1), sigma) - losses.ir_loss(x, means, on(0), sigma)
+    assert gap.item() == pytest.approx(4 * 3 * math.log(0.11 / 0.09))
 
 
 def test_ir_loss_per_slot_sigma_known_value():
@@ -88,8 +102,12 @@ def test_ir_loss_per_slot_sigma_known_value():
     means = torch.tensor([1.0, 2.0]).view(1, 2, 1, 1, 1).expand(1, 2, 1, 1, 2)
     log_masks = torch.log(torch.tensor([[0.25, 0.75], [1.0, 0.0]]).T).view(1, 2, 1, 2)  # pixel 0: .25/.75
     got = losses.ir_loss(x, means, log_masks, torch.tensor([0.5, 1.0]))
-    # pixel 0: .25 * 1/(2*.25) + .75 * 4/2 = 2.0; pixel 1: 1 * 1/(2*.25) = 2.0
-    assert got.item() == pytest.approx(4.0)
+    # -log N(0; mu, s^2) = mu^2 / (2 s^2) + log s + log(2 pi) / 2; pixel 0 mixes both slots, pixel 1 is slot 0's
+    slot0, slot1 = 1 / (2 * 0.25) + math.log(0.5), 4 / 2 + math.log(1.0)
+    expected = 0.25 * slot0 + 0.75 * slot1 + slot0 + 2 * 0.5 * math.log(2 * math.pi)
+    assert got.item() == pytest.approx(expected)
+    assert losses.ir_loss(x, means, log_masks, 0.7).item() == pytest.approx(
+        losses.ir_loss(x, means, log_masks, torch.tensor([0.7, 0.7])).item())
 
 
 # --- KL terms

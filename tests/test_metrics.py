@@ -219,6 +219,34 @@ def test_miou_and_mbo_known_values():
     assert torch.isnan(metrics.mbo(torch.zeros(1, 1, 4, dtype=torch.long), pred2)).all()  # no fg object
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_mbo_class_matches_merged_segments_brute_force(seed):
+    true, pred = random_case(40 + seed, B=5, H=6, W=5, K=3, ids=6)
+    g = torch.Generator().manual_seed(seed)
+    category = torch.randint(0, 3, (5, 6), generator=g)  # three classes over ids 1..5; id 0 is background
+    got = metrics.mbo_class(true, pred, category, num_background=1)
+    for b in range(5):
+        lt, lp = ref_image(true, pred, b, 0)
+        merged = [v if v < 1 else 100 + int(category[b, v]) for v in lt]  # one segment per class
+        assert_close_nan(got[b], ref_mbo(merged, lp, 3, 1))
+
+
+def test_mbo_class_known_values():
+    # 1 x 6 image: background, two objects of class 7, one of class 2, an ignored pixel; slots [a, a, a, b, b, a]
+    true = torch.tensor([[[0, 1, 2, 3, 3, -1]]])
+    pred = torch.nn.functional.one_hot(torch.tensor([[[0, 0, 0, 1, 1, 0]]]), 2).permute(0, 3, 1, 2).float()
+    category = torch.tensor([[0, 7, 7, 2]])
+    # instances: ids 1 and 2 each best IoU 1/3 with slot a (3 pixels), id 3 IoU 1 -> (1/3 + 1/3 + 1) / 3
+    assert metrics.mbo(true, pred).item() == pytest.approx(5 / 9)
+    # classes: {1, 2} (class 7) IoU 2/3 with slot a, class 2 IoU 1 -> 5/6
+    assert metrics.mbo_class(true, pred, category).item() == pytest.approx(5 / 6)
+    # a class mask (the category per pixel, overlaps given to the higher id): the same segments
+    assert metrics.mbo_class(torch.tensor([[[0, 7, 7, 2, 2, -1]]]), pred).item() == pytest.approx(5 / 6)
+    assert torch.isnan(metrics.mbo_class(torch.zeros(1, 1, 6, dtype=torch.long), pred, category)).all()
+    with pytest.raises(ValueError, match="category"):
+        metrics.mbo_class(true, pred, category[:, :3])
+
+
 def test_segmentation_metrics_equals_individual_functions():
     true, pred = degenerate_cases()
     t2, p2 = random_case(21, B=7, H=4, W=5, K=3)

@@ -216,8 +216,8 @@ def test_paper_preset_per_dataset(name, res, k, dec):
 
 def test_tiny_preset_defaults():
     args = sa.parse_args(["--preset", "tiny"])  # the README's quick-start
-    assert (args.data, args.resolution, args.num_slots, args.lr, args.steps) == ("shapes-binary", 32, 4, 1e-3, 3000)
-    assert (args.decay_steps, args.grad_clip) == (1500, 0.0)
+    assert (args.data, args.resolution, args.num_slots, args.lr, args.steps) == ("shapes-binary", 32, 4, 1e-3, 7000)
+    assert (args.decay_steps, args.grad_clip) == (3500, 0.0)
     assert sa.parse_args(["--preset", "tiny", "--data", "shapes"]).num_slots == 6
     assert sa.parse_args([]).data == "shapes"
 
