@@ -62,7 +62,7 @@ Commands (more, with measured figures: docs/slot_attention.md)
   The self-supervised core on a CPU, then a decoder on it (frozen), then the comparison with reconstruction:
     python slot_attention.py --preset tiny --data shapes-colored --loss swav --run-name swav
     python slot_attention.py --preset tiny --data shapes-colored --frozen-core runs/swav/checkpoint.pt
-    python scripts/ssl_vs_recon.py --seeds 0 --steps 2000 --decoder-steps 1000
+    python scripts/ssl_vs_recon.py --seeds 0 --steps 1500 --decoder-steps 500 --probe-steps 500
   Several GPUs (or CPU processes with gloo):
     torchrun --nproc_per_node=4 slot_attention.py --loss cov
 """

@@ -9,7 +9,8 @@ slot_attention.py in this process, each printed as the command that does the sam
                   spatial broadcast decoder trained by MSE)          -> OUT_DIR/L-seedS-decoder
   3. the probe:   --eval-only OUT_DIR/L-seedS/checkpoint.pt --probe (an MLP from frozen slots to object
                   properties, Hungarian-matched; metrics.feature_probe)  -> OUT_DIR/L-seedS/probe.json
-Each run continues with --resume auto: an interrupted comparison reruns as is, finished runs are reused.
+Each run continues with --resume auto: finished runs are reused, and a comparison stopped by SIGTERM / SIGINT
+(the run in progress writes its checkpoint; the script exits with its status) continues when rerun as is.
 Writes OUT_DIR/ssl_vs_recon.md (command, date, machine, one row per loss, mean ± sample std over seeds) and
 OUT_DIR/ssl_vs_recon.json (every value per run). Columns, all on the test split:
   attn FG-ARI / attn mBO   slot attention's own attention maps as the segmentation (every loss has them)
@@ -20,6 +21,8 @@ OUT_DIR/ssl_vs_recon.json (every value per run). Columns, all on the test split:
   images/s                 core training throughput, mean over its logged windows (both views count as one image)
 
   OMP_NUM_THREADS=1 python scripts/ssl_vs_recon.py                        # CPU: tiny preset, shapes-colored
+  OMP_NUM_THREADS=1 python scripts/ssl_vs_recon.py --seeds 0 --steps 1500 --decoder-steps 500 --probe-steps 500 \
+      --extra-all="--decay-steps 1500"                                      # docs/ssl.md's table
   python scripts/ssl_vs_recon.py --preset paper --steps 100000 --decoder-steps 20000 --device cuda --dtype bf16 \\
       --probe-train-size 10000 --probe-val-size 1000 --probe-test-size 2000 --probe-steps 6000
 """
@@ -93,11 +96,14 @@ def core_argv(loss, seed, args):
 
 
 def run(argv):
-    """slot_attention.py with these flags, in this process; None, or why it failed."""
+    """slot_attention.py with these flags, in this process; None, or why it failed. A run stopped by a signal
+    (it wrote its checkpoint) stops the comparison with the same exit status: rerun the same command to continue."""
     print("python slot_attention.py " + shlex.join(argv), flush=True)
     try:
         slot_attention.main(argv)
     except SystemExit as e:
+        if e.code in (slot_attention.EXIT_PREEMPTED, 130):
+            raise
         if e.code:
             return f"exit status {e.code} (its error line is above)"
     return None

@@ -321,3 +321,21 @@ def test_ssl_vs_recon_refuses_bad_flags(capsys):
     with pytest.raises(SystemExit):
         ssl_vs_recon.parse_args(["--extra-all=--crop-scale 0.9 0.1"])
     assert "slot_attention.py refuses --loss mse" in capsys.readouterr().err
+
+
+def test_ssl_vs_recon_stops_when_a_run_is_preempted(tmp_path, monkeypatch):
+    """A run stopped by a signal (exit 3, checkpoint written) stops the comparison; a failed run does not."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ssl_vs_recon
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        sys.exit(3 if "swav" in argv else 2)
+
+    monkeypatch.setattr(ssl_vs_recon.slot_attention, "main", fake_main)
+    with pytest.raises(SystemExit) as e:
+        ssl_vs_recon.main(["--losses", "mse", "swav", "cov", "--seeds", "0", "--out-dir", str(tmp_path)])
+    assert e.value.code == 3
+    assert [argv[argv.index("--loss") + 1] for argv in calls] == ["mse", "swav"]  # mse failed, swav stopped all
