@@ -149,3 +149,57 @@ def object_entropy(masks, eps=1e-8):
     """
     p = masks.flatten(2).mean(dim=2)  # (B, K)
     return -(p * torch.log(p.clamp_min(eps))).sum(dim=1).mean()
+
+
+# --- Siamese self-supervision (SimSiam, SwAV), on matched slots of two views
+
+def simsiam_loss(p1, z2, p2, z1):
+    """Symmetrised negative cosine of SimSiam (Chen & He 2021, arXiv 2011.10566, eqs. 1-2 and Algorithm 1):
+
+        L = D(p1, stopgrad(z2)) / 2 + D(p2, stopgrad(z1)) / 2,   D(p, z) = -mean_n cos(p_n, z_n)
+
+    p = predictor outputs, z = projector outputs, rows n paired across the views; (..., P) each, any leading
+    shape. The stop-gradient is the method (without it SimSiam collapses, Sec. 4.1): no gradient reaches z1, z2
+    through this term. Returns a scalar in [-1, 1]; -1 when every prediction points along its target.
+    """
+    def d(p, z):
+        return -F.cosine_similarity(p, z.detach(), dim=-1).mean()
+    return d(p1, z2) / 2 + d(p2, z1) / 2
+
+
+@torch.no_grad()
+def sinkhorn(scores, epsilon=0.05, iters=3):
+    """Soft codes by Sinkhorn-Knopp with equal partition (Caron et al. 2020, arXiv 2006.09882, Sec. 3.1 and
+    facebookresearch/swav main_swav.py distributed_sinkhorn: epsilon 0.05, 3 iterations).
+
+    scores (N, P): N samples against P prototypes. With Q = exp(scores / epsilon)^T (P, N) normalised to sum 1,
+    each iteration scales the rows (prototypes) to 1/P and then the columns (samples) to 1/N; the result is
+    returned transposed and times N, so every sample's code sums to 1 (a column marginal of Q, exact) and every
+    prototype receives about N/P of the mass (a row marginal, exact only in the limit of many iterations).
+    No gradient (the codes are targets). Returns (N, P) in the dtype of scores.
+    """
+    # exp(s/eps - max): the constant cancels in the normalisations and keeps exp finite (s/eps reaches 20 for
+    # cosine scores; the reference code takes exp unshifted in fp32)
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32))  # at least fp32 under bf16 autocast
+    q = torch.exp((s - s.max()) / epsilon).T  # (P, N)
+    q = q / q.sum()
+    n_proto, n = q.shape
+    for _ in range(iters):
+        q = q / (q.sum(dim=1, keepdim=True) * n_proto)  # each prototype: total mass 1/P
+        q = q / (q.sum(dim=0, keepdim=True) * n)  # each sample: total mass 1/N
+    return (q * n).T.to(scores.dtype)  # (N, P), rows sum to 1
+
+
+def swav_loss(scores1, scores2, temperature=0.1, epsilon=0.05, iters=3):
+    """Swapped prediction of SwAV (arXiv 2006.09882, eq. 2-3; facebookresearch/swav main_swav.py):
+
+        L = -1/(2N) sum_n [ q2_n . log softmax(s1_n / T) + q1_n . log softmax(s2_n / T) ],  q = sinkhorn(s)
+
+    scores (N, P): cosines of the L2-normalised projections with the normalised prototypes; row n of the two
+    views describes the same thing (here: matched slots). Each view's codes come from Sinkhorn over its own N
+    rows (no gradient); temperature 0.1, epsilon 0.05, 3 iterations as the reference. Returns a scalar.
+    """
+    q1, q2 = sinkhorn(scores1, epsilon, iters), sinkhorn(scores2, epsilon, iters)
+    ce12 = -(q2 * F.log_softmax(scores1 / temperature, dim=-1)).sum(dim=-1).mean()  # view 1 predicts view 2's code
+    ce21 = -(q1 * F.log_softmax(scores2 / temperature, dim=-1)).sum(dim=-1).mean()
+    return (ce12 + ce21) / 2

@@ -236,3 +236,68 @@ def test_all_losses_have_finite_gradients():
     total.backward()
     for t in (x, means, logits, slots):
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+# --- SimSiam, Sinkhorn-Knopp, SwAV
+
+def test_simsiam_loss_is_minus_one_for_identical_predictions_and_targets():
+    z = rand(6, 8, seed=40)
+    assert losses.simsiam_loss(z, z, z, z).item() == pytest.approx(-1.0, abs=1e-12)
+    assert losses.simsiam_loss(z, 3 * z, -z, -0.5 * z).item() == pytest.approx(-1.0, abs=1e-12)  # scale-free
+    assert losses.simsiam_loss(z, -z, z, -z).item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_simsiam_loss_value_and_stop_gradient():
+    p1, z2, p2, z1 = (rand(2, 5, 8, seed=s).requires_grad_() for s in (41, 42, 43, 44))
+    loss = losses.simsiam_loss(p1, z2, p2, z1)
+
+    def cos(a, b):  # the paper's D(p, z) = -p/||p|| . z/||z||, written out
+        return (a * b).sum(-1) / (a.pow(2).sum(-1).sqrt() * b.pow(2).sum(-1).sqrt())
+
+    want = -cos(p1, z2).mean() / 2 - cos(p2, z1).mean() / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    loss.backward()
+    assert z1.grad is None and z2.grad is None  # the targets are stop-gradient
+    assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
+
+
+def sinkhorn_transcribed(scores, eps, iters):
+    """SwAV's loop (arXiv 2006.09882 Sec. 3.1 / main_swav.py), float64, written independently: Q = exp(S / eps)^T,
+    normalised; rows (prototypes) to 1/P, columns (samples) to 1/N, repeated; codes = N Q^T."""
+    q = torch.exp(scores.double() / eps).T
+    q /= q.sum()
+    p, n = q.shape
+    for _ in range(iters):
+        for j in range(p):
+            q[j] /= q[j].sum() * p
+        for i in range(n):
+            q[:, i] /= q[:, i].sum() * n
+    return (n * q).T
+
+
+def test_sinkhorn_equals_the_reference_loop_and_has_uniform_column_marginals():
+    scores = F.normalize(rand(12, 16, seed=45), dim=1) @ F.normalize(rand(5, 16, seed=46), dim=1).T  # cosines
+    codes = losses.sinkhorn(scores, epsilon=0.05, iters=3)
+    assert codes.shape == (12, 5) and (codes >= 0).all()
+    assert torch.allclose(codes, sinkhorn_transcribed(scores, 0.05, 3), rtol=1e-9, atol=1e-12)
+    q = codes.T / 12  # SwAV's Q (P, N): every column (sample) carries 1/N exactly
+    assert torch.allclose(q.sum(dim=0), torch.full((12,), 1 / 12, dtype=torch.float64), atol=1e-12)
+    # the rows (prototypes) reach 1/P as the iterations go on: equal partition
+    q = losses.sinkhorn(scores, epsilon=0.05, iters=500).T / 12
+    assert torch.allclose(q.sum(dim=1), torch.full((5,), 1 / 5, dtype=torch.float64), atol=1e-6)
+    # large scores / epsilon: exp would overflow in float32 without the shift
+    big = losses.sinkhorn(scores.float() * 10, epsilon=0.05, iters=3)
+    assert torch.isfinite(big).all() and torch.allclose(big.sum(dim=1), torch.ones(12), atol=1e-5)
+
+
+def test_swav_loss_is_the_swapped_cross_entropy():
+    s1, s2 = (F.normalize(rand(10, 6, seed=s), dim=1).requires_grad_() for s in (47, 48))
+    loss = losses.swav_loss(s1, s2, temperature=0.1, epsilon=0.05, iters=3)
+    q1, q2 = sinkhorn_transcribed(s1.detach(), 0.05, 3), sinkhorn_transcribed(s2.detach(), 0.05, 3)
+    logp1 = s1 / 0.1 - torch.logsumexp(s1 / 0.1, dim=1, keepdim=True)
+    logp2 = s2 / 0.1 - torch.logsumexp(s2 / 0.1, dim=1, keepdim=True)
+    want = -((q2 * logp1).sum(1).mean() + (q1 * logp2).sum(1).mean()) / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9)
+    loss.backward()  # the codes are targets: the gradient is the softmax's only, p - q
+    grad1 = (torch.softmax(s1.detach() / 0.1, dim=1) - q2) / 0.1 / 10 / 2
+    assert torch.allclose(s1.grad, grad1, atol=1e-9)
