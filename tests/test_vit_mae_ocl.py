@@ -280,6 +280,16 @@ def test_evaluation_does_not_depend_on_the_shuffle():
     torch.testing.assert_close(model(x)["recon"], a, atol=1e-5, rtol=1e-4)  # ratio 0: only the order differs
 
 
+def test_mse_term_is_on_the_papers_range():
+    """Eq. 7's reconstruction term compares with the image in [-1, 1] (the authors' data code), per pixel and channel."""
+    model, args = model_and_args()
+    x = images()
+    out = model(x, mask_ratio=0.5, token_noise=0.0)
+    mse = vm.compute_loss(out, x, 0.0, 0.0)["mse"]
+    torch.testing.assert_close(mse, ((out["recon"] - (x * 2 - 1)) ** 2).mean())
+    assert not torch.allclose(mse, ((out["recon"] - x) ** 2).mean())
+
+
 @pytest.mark.parametrize("flags", [[], ["--pixel-entropy", "0"], ["--object-entropy", "0"],
                                    ["--pixel-entropy", "0", "--object-entropy", "0"]])
 def test_every_parameter_gets_a_gradient(flags):
