@@ -77,6 +77,7 @@ import metrics
 
 # Per-preset defaults; explicit flags override. None in the parser means "from the preset".
 PRESETS = {
+    # deepmind-research iodine/configurations.py: 1M steps, lr x 0.1^(step/1M), gradient clip 5, no warm-up
     "paper": dict(steps=1_000_000, warmup_steps=0, decay_steps=1_000_000, grad_clip=5.0, log_every=100,
                   eval_every=5_000, eval_size=320, save_every=5_000),
     # tiny: a smoke test, not a segmenter. Tetrominoes at its native 35 px (other data: 32 px), ~15 minutes on
