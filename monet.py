@@ -744,6 +744,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if torch.distributed.is_initialized():  # the group _main set up under torchrun, error exits too:
+            torch.distributed.destroy_process_group()  # a rank leaving it standing can abort at exit
 
 
 def _main(args):
@@ -752,9 +755,8 @@ def _main(args):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(args.device, local_rank)
     cpu_group = None  # stop flags and RNG states travel on the CPU (gloo), never waiting for the GPU
-    own_group = world > 1 and not torch.distributed.is_initialized()  # else the caller set it up (tests do)
     if world > 1:
-        if own_group:
+        if not torch.distributed.is_initialized():  # else the caller set it up (tests do)
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         cpu_group = torch.distributed.new_group(backend="gloo") if device.type == "cuda" else None
     is_main = rank == 0
@@ -908,8 +910,6 @@ def _main(args):
             log.close()
     if world > 1:
         torch.distributed.barrier()  # rank 0's last evaluation and checkpoint are written when any rank returns
-    if own_group:
-        torch.distributed.destroy_process_group()
     return plain
 
 

@@ -301,6 +301,8 @@ def ddp_worker(rank, name, out, port):
     except FloatingPointError as e:
         result["nan"] = str(e)
     torch.save(result, Path(out) / f"rank{rank}.pt")
+    torch.distributed.barrier()  # rank 0 hosts the store: leaving while rank 1 still uses it can abort
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
