@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--device", default="auto", help="passed to the model file")
     p.add_argument("--extra", default="", help="extra flags for every run, e.g. '--data tetrominoes'")
+    p.add_argument("--new-extra", default="", help="with --baseline: flags for the working tree's runs only, e.g. "
+                   "'--dec-layers 4' to match what the older file had fixed")
     p.add_argument("--baseline", default=None, metavar="REV",
                    help="also time the model files of this git revision, interleaved, and report new/old")
     p.add_argument("--repeats", type=int, default=3, help="with --baseline: runs of each side (medians)")
@@ -57,13 +59,13 @@ def parse_args(argv=None):
     return args
 
 
-def measure(tree, model, preset, mode, dtype, args, tmp, tag=""):
+def measure(tree, model, preset, mode, dtype, args, tmp, tag="", extra=""):
     """One run of `tree/model.py`; returns (last train log line, None) or (None, error line)."""
     log_every = max(1, args.steps // 2)
     name = f"{model}-{preset}-{mode}-{dtype}{tag}"
     cmd = [sys.executable, str(tree / f"{model}.py"), "--preset", preset, "--steps", str(args.steps),
            "--log-every", str(log_every), "--eval-every", "0", "--eval-size", "8", "--save-every", "1000000000",
-           "--dtype", dtype, "--device", args.device, "--out-dir", tmp, "--run-name", name, *args.extra.split()]
+           "--dtype", dtype, "--device", args.device, "--out-dir", tmp, "--run-name", name, *args.extra.split(), *extra.split()]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     if mode == "compile":
@@ -91,7 +93,8 @@ def compare_row(model, preset, mode, dtype, args, tmp, old_tree):
         order = ("old", "new") if i % 2 == 0 else ("new", "old")  # alternate so drift cancels
         for side in order:
             tree = old_tree if side == "old" else ROOT
-            rec, err = measure(tree, model, preset, mode, dtype, args, tmp, tag=f"-{side}{i}")
+            rec, err = measure(tree, model, preset, mode, dtype, args, tmp, tag=f"-{side}{i}",
+                               extra=args.new_extra if side == "new" else "")
             if rec is None:
                 return f"| {model} | {preset} | {mode} | {dtype} | {side} failed: {err} | - | - |"
             speeds[side].append(rec["images_per_s"])

@@ -130,6 +130,10 @@ def test_bench_speed_baseline_times_an_exported_revision_side_by_side(tmp_path):
     assert int(row.group(1)) > 0 and int(row.group(2)) > 0 and float(row.group(3)) > 0
     bad = script("bench_speed.py", "--models", "slot_attention", "--baseline", "no-such-rev", "--steps", "2")
     assert bad.returncode == 1 and bad.stderr.startswith("error: git archive no-such-rev") and "Traceback" not in bad.stderr
+    only_new = script("bench_speed.py", "--models", "slot_attention", "--steps", "2", "--repeats", "1", "--dtypes",
+                      "fp32", "--device", "cpu", "--baseline", "HEAD", "--extra", "--data shapes-binary " + COMMON,
+                      "--new-extra", "--num-slots 0")
+    assert "| new failed: " in only_new.stdout and "--num-slots must be positive" in only_new.stdout  # old ran clean
 
 
 def test_profile_run_writes_an_operator_table(tmp_path):
@@ -143,6 +147,20 @@ def test_profile_run_writes_an_operator_table(tmp_path):
     ops = re.findall(r"^\s*(aten::\w+)\s", table, re.M)
     assert 0 < len(ops) <= 5 and "aten::convolution_backward" in table, table  # a conv model trained: backward ran
     assert script("profile_run.py", "--model", "nope").returncode == 2
+
+
+@pytest.mark.parametrize("model", ["slot_attention", "vit_mae_ocl", "dinosaur"])
+def test_profile_run_evaluates_only_eval_size_images(monkeypatch, model):
+    """The profiled run's final evaluation is --eval-size images, also for the files whose final evaluation
+    takes the whole test split unless --test-size says otherwise (it dominated the paper-preset profile)."""
+    import importlib
+    import profile_run
+    module = importlib.import_module(model)
+    seen = []
+    monkeypatch.setattr(module, "main", lambda argv: seen.append(module.parse_args(argv)))  # resolve, don't train
+    profile_run.main(["--model", model, "--preset", "paper", "--steps", "1", "--eval-size", "5", "--device", "cpu"])
+    resolved = seen[0]
+    assert resolved.eval_size == 5 and getattr(resolved, "test_size", 5) == 5
 
 
 def test_gpu_check_cpu_smoke_path_writes_its_tables(tmp_path):
