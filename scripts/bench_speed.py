@@ -65,7 +65,8 @@ def measure(tree, model, preset, mode, dtype, args, tmp, tag="", extra=""):
     name = f"{model}-{preset}-{mode}-{dtype}{tag}"
     cmd = [sys.executable, str(tree / f"{model}.py"), "--preset", preset, "--steps", str(args.steps),
            "--log-every", str(log_every), "--eval-every", "0", "--eval-size", "8", "--save-every", "1000000000",
-           "--dtype", dtype, "--device", args.device, "--out-dir", tmp, "--run-name", name, *args.extra.split(), *extra.split()]
+           "--dtype", dtype, "--device", args.device, "--out-dir", tmp, "--run-name", name, *args.extra.split(),
+           *extra.split()]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     if mode == "compile":

@@ -1,4 +1,5 @@
 """Smoke tests of scripts/compare.py, bench_speed.py and profile_run.py: real subprocesses, tiny models."""
+import importlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import compare as compare_script  # noqa: E402
+import profile_run  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here starts real subprocesses
 
@@ -153,8 +155,6 @@ def test_profile_run_writes_an_operator_table(tmp_path):
 def test_profile_run_evaluates_only_eval_size_images(monkeypatch, model):
     """The profiled run's final evaluation is --eval-size images, also for the files whose final evaluation
     takes the whole test split unless --test-size says otherwise (it dominated the paper-preset profile)."""
-    import importlib
-    import profile_run
     module = importlib.import_module(model)
     seen = []
     monkeypatch.setattr(module, "main", lambda argv: seen.append(module.parse_args(argv)))  # resolve, don't train
