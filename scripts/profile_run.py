@@ -46,7 +46,7 @@ def main(argv=None):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with tempfile.TemporaryDirectory() as tmp:
         # a file with --test-size evaluates the whole test split at the end unless told otherwise
-        test = ["--test-size", str(args.eval_size)] if "--test-size" in Path(module.__file__).read_text() else []
+        test = ["--test-size", str(args.eval_size)] if hasattr(module.parse_args([]), "test_size") else []
         run = ["--preset", args.preset, "--steps", str(args.steps), "--eval-every", "0", "--eval-size",
                str(args.eval_size), *test, "--save-every", str(10 ** 9), "--log-every", str(args.steps), "--device",
                args.device, "--out-dir", tmp, "--run-name", "profile", *shlex.split(args.extra)]

@@ -492,13 +492,6 @@ def test_bad_input_is_a_clean_error(tmp_path, capsys, extra, needle):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-@pytest.mark.slow
-def test_bad_input_from_the_shell_is_one_line_without_traceback(tmp_path):
-    r = run_cli(tmp_path, "--steps", "2", "--data", str(tmp_path / "missing.h5"))
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert r.stderr.startswith("error: ") and "missing.h5" in r.stderr and "Traceback" not in r.stderr
-
-
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real = monet.compute_loss
     calls = {"n": 0}

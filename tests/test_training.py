@@ -211,6 +211,17 @@ def test_bad_input_is_one_error_line_naming_it(tmp_path, capsys, name):
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), flags
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_bad_input_from_the_shell_is_one_line_without_traceback(tmp_path, name):
+    """The same from a shell: one line on stderr, the run never starts."""
+    cmd = [sys.executable, str(ROOT / f"{name}.py"), *argv(name, tmp_path, "--steps", "2", "--data",
+                                                          str(tmp_path / "missing.h5"))]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240, env=ENV)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert r.stderr.startswith("error: ") and "missing.h5" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_logged_lr_is_the_optimisers_and_bf16_terms_are_finite(tmp_path, name):
     """Every train line's `lr` is the learning rate the optimiser stepped with (read from param_groups by a
