@@ -291,6 +291,7 @@ def test_paper_preset_per_dataset(name, res, k, blocks):
     assert (args.beta, args.gamma, args.sigma_bg, args.sigma_fg, args.loss) == (0.5, 0.5, 0.09, 0.11, "nll")
     assert (args.enc_channels, args.enc_hidden, args.dec_channels, args.mlp_hidden) == (32, 256, 32, 128)
     assert (args.optimizer, args.gamma_warmup, args.warmup_steps, args.grad_clip) == ("rmsprop-tf", 0, 0, 0)
+    assert args.decay_steps == 0  # constant learning rate
     assert args.unet_channels == [64, 128, 256, 512, 512, 512][:blocks]  # baudm's blueprint widths
     assert monet.parse_args(["--data", name, "--num-slots", "9"]).num_slots == 9  # flags win
 
@@ -331,8 +332,8 @@ def test_tf_rmsprop_first_and_second_update_by_hand():
 @pytest.mark.parametrize("name,res,k", [("tetrominoes", 35, 4), ("shapes", 32, 7), ("shapes-binary", 32, 5)])
 def test_tiny_preset_keeps_tetrominoes_native_and_shrinks_the_rest(name, res, k):
     args = monet.parse_args(["--preset", "tiny", "--data", name])
-    assert (args.resolution, args.num_slots, args.steps, args.lr, args.batch_size) == (res, k, 8000, 3e-4, 16)
-    assert (args.sigma_bg, args.sigma_fg, args.gamma_warmup) == (0.3, 0.36, 1000)  # docs/monet.md: the sweep
+    assert (args.resolution, args.num_slots, args.steps, args.lr, args.batch_size) == (res, k, 4000, 6e-4, 16)
+    assert (args.sigma_bg, args.sigma_fg, args.gamma_warmup, args.decay_steps) == (0.3, 0.36, 1000, 0)  # the sweep
     assert args.unet_blocks == monet.unet_blocks_for(res)
     assert monet.parse_args(["--preset", "tiny", "--data", name, "--resolution", "24"]).resolution == 24
 
@@ -411,10 +412,13 @@ def test_logged_lr_and_gamma_are_the_applied_ones(tmp_path, monkeypatch):
     monkeypatch.setattr(monet, "build_optimizer", build)
     monkeypatch.setattr(monet, "compute_loss", loss)
     monet.main(CLI + ["--out-dir", str(tmp_path), "--run-name", "r", "--steps", "6", "--log-every", "1",
-                      "--eval-every", "0", "--lr", "0.002", "--warmup-steps", "4", "--gamma-warmup", "4"])
+                      "--eval-every", "0", "--lr", "0.002", "--warmup-steps", "4", "--decay-steps", "3",
+                      "--gamma-warmup", "4"])
     train = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
     assert [l["lr"] for l in train] == applied_lr  # the line of step s reports step s's update
-    assert [l["lr"] for l in train] == pytest.approx([0.002 * min(1, s / 4) for s in range(1, 7)])
+    # update s (1-based) runs at step s - 1: the warm-up factor s / 4 times the halving 0.5^((s - 1) / 3)
+    expected = [0.002 * min(1, s / 4) * 0.5 ** ((s - 1) / 3) for s in range(1, 7)]
+    assert [l["lr"] for l in train] == pytest.approx(expected)
     assert [l["gamma"] for l in train] == pytest.approx(applied_gamma, abs=1e-4)
     assert [l["gamma"] for l in train] == pytest.approx([0.5 * min(1, s / 4) for s in range(6)])
 
@@ -480,6 +484,7 @@ def test_hostile_checkpoint_is_refused(tmp_path, capsys, flag):
     (["--num-slots", "0"], "--num-slots must be positive"),
     (["--sigma-fg", "0"], "--sigma-fg must be positive"),
     (["--beta", "-1"], "--beta must be non-negative"),
+    (["--decay-steps", "-1"], "--decay-steps must be non-negative"),
     (["--unet-blocks", "5"], "use at most 3"),
     (["--data", "/no/such/dataset.h5"], "no such file"),
     (["--resume", "/no/such/checkpoint.pt"], "checkpoint not found"),
