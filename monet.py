@@ -56,7 +56,8 @@ Deviations and choices (each one stated so a reader can undo it)
     chose it (docs/monet.md has the sweep): PyTorch RMSprop at a constant lr 6e-4, sigma_bg 0.3 / sigma_fg 0.36
     (addtt's Tetrominoes values), the mask-KL weight ramped over 1000 steps, 4000 steps. It scores test FG-ARI
     0.712 / 0.841 / 0.559 on Tetrominoes (seeds 0 / 1 / 2, mean 0.70; the project aims for 0.75), where lr 3e-4
-    for 8000 steps scored 0.61-0.67. The lower-scoring models group pixels by colour: two pieces of one colour share a slot.
+    for 8000 steps scored 0.61-0.67. The lower-scoring models group pixels by colour: two pieces of one colour
+    share a slot.
 
 Commands
   GPU, paper configuration (Multi-dSprites-like built-in data, K=7, batch 64, ~1M steps):
@@ -101,7 +102,8 @@ import metrics
 
 # Per-preset defaults; explicit flags override. None in the parser means "from the preset".
 PRESETS = {
-    # 1901.11390 appendix B: RMSProp lr 1e-4, batch 64; unet_channels None: the U-Net blueprint, unet_widths()
+    # 1901.11390 appendix B: RMSProp lr 1e-4 (constant), batch 64; unet_channels None: the U-Net blueprint,
+    # unet_widths()
     "paper": dict(batch_size=64, steps=1_000_000, lr=1e-4, warmup_steps=0, decay_steps=0, grad_clip=0.0,
                   unet_channels=None, mlp_hidden=128, enc_channels=32, enc_hidden=256, dec_channels=32, latent_dim=16,
                   optimizer="rmsprop-tf", gamma_warmup=0, sigma_bg=0.09, sigma_fg=0.11,  # appendix B.1
