@@ -10,7 +10,7 @@ run goes into one markdown table of mean ± std over seeds (ARI with the backgro
 entropy and binarisation), written to --results and printed. --preset paper evaluates on 1,000 held-out test images,
 as 2310.03273 held out 1,000.
 
-  python scripts/monet_ablation.py --data tetrominoes --steps 1500 --seeds 0 1   # CPU, --preset tiny: docs/monet.md
+  python scripts/monet_ablation.py --data tetrominoes --seeds 0 1   # CPU, --preset tiny, 4000 steps: docs/monet.md
   python scripts/monet_ablation.py --data shapes --preset paper --steps 100000 --seeds 0 1 2 --device cuda
 """
 import argparse
