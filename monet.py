@@ -55,9 +55,9 @@ Deviations and choices (each one stated so a reader can undo it)
   - The tiny preset (CPU) is the paper's architecture narrowed (16 channels), batch 16, and where a measurement
     chose it (docs/monet.md has the sweep): PyTorch RMSprop at a constant lr 6e-4, sigma_bg 0.3 / sigma_fg 0.36
     (addtt's Tetrominoes values), the mask-KL weight ramped over 1000 steps, 4000 steps. It scores test FG-ARI
-    0.712 / 0.841 / 0.559 on Tetrominoes (seeds 0 / 1 / 2, mean 0.70; the project aims for 0.75), where lr 3e-4
-    for 8000 steps scored 0.61-0.67. The lower-scoring models group pixels by colour: two pieces of one colour
-    share a slot.
+    0.56-0.87 on Tetrominoes (mean 0.72 over eight runs on two machines, seed 0: 0.71 and 0.76; the project aims
+    for 0.75), where lr 3e-4 for 8000 steps scored 0.61-0.67. The lower-scoring models group pixels by colour:
+    two pieces of one colour share a slot.
 
 Commands
   GPU, paper configuration (Multi-dSprites-like built-in data, K=7, batch 64, ~1M steps):
@@ -109,7 +109,7 @@ PRESETS = {
                   optimizer="rmsprop-tf", gamma_warmup=0, sigma_bg=0.09, sigma_fg=0.11,  # appendix B.1
                   log_every=100, eval_every=5_000, eval_size=320, save_every=5_000),
     # tiny: defaults to Tetrominoes at its native 35 px, other data 32 px; docs/monet.md has the sweep behind it
-    # (lr 6e-4, 4000 steps: FG-ARI 0.71 / 0.84 / 0.56, seeds 0-2; 3e-4, 8000: 0.61-0.67; 1e-3: 0.73 / 0.50)
+    # (lr 6e-4, 4000 steps: FG-ARI 0.56-0.87, mean 0.72 over 8 runs; 3e-4, 8000: 0.61-0.67; 1e-3: 0.73 / 0.50)
     # sigmas of addtt/object-centric-library config/special_cases/monet-tetrominoes.yaml (bg 0.3, fg 0.36)
     "tiny": dict(batch_size=16, steps=4_000, lr=6e-4, warmup_steps=0, decay_steps=0, grad_clip=0.0,
                  unet_channels=[16], mlp_hidden=64, enc_channels=16, enc_hidden=64, dec_channels=16, latent_dim=16,
