@@ -102,8 +102,7 @@ import metrics
 
 # Per-preset defaults; explicit flags override. None in the parser means "from the preset".
 PRESETS = {
-    # 1901.11390 appendix B: RMSProp lr 1e-4 (constant), batch 64; unet_channels None: the U-Net blueprint,
-    # unet_widths()
+    # 1901.11390 appendix B: RMSProp lr 1e-4 (constant), batch 64; unet_channels None: the blueprint, unet_widths()
     "paper": dict(batch_size=64, steps=1_000_000, lr=1e-4, warmup_steps=0, decay_steps=0, grad_clip=0.0,
                   unet_channels=None, mlp_hidden=128, enc_channels=32, enc_hidden=256, dec_channels=32, latent_dim=16,
                   optimizer="rmsprop-tf", gamma_warmup=0, sigma_bg=0.09, sigma_fg=0.11,  # appendix B.1
